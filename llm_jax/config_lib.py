@@ -1,0 +1,231 @@
+"""The config skeleton every job starts from, presets, and validation.
+
+Configs are data: `configs/<job>.py` calls `base_config()`, changes values and returns it. Every
+key is declared here, so any of them can be set from the command line with `--config.a.b=value`
+and a misspelled key fails loudly. `validate()` checks meaning before anything compiles and
+names the offending field.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from llm_jax import model as model_lib
+
+TASKS = ("lm", "mlm")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "lm"  # train step: 'lm' (causal next-token) | 'mlm' (masked LM, encoder)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.kind = "decoder"  # 'decoder' (GPT) | 'encoder' (BERT)
+    m.size = "nano"  # a row of model.SIZES; d_model/n_layers/n_heads below override it when > 0
+    m.style = "gpt2"  # 'gpt2' | 'llama' | 'bert': defaults for the architectural fields left unset
+    m.d_model = 0
+    m.n_layers = 0
+    m.n_heads = 0
+    m.n_kv_heads = 0  # 0 -> n_heads (no grouped-query attention)
+    m.head_dim = 0  # 0 -> d_model // n_heads
+    m.d_ff = 0  # 0 -> 4 d_model (gelu) or ~8/3 d_model (swiglu)
+    m.max_len = 0  # 0 -> data.seq_len
+    m.vocab_multiple = 64  # pad the tokenizer's vocabulary up to a multiple of this
+    m.norm = ""  # '' -> style default: 'layernorm' | 'rmsnorm'
+    m.norm_eps = 0.0  # 0 -> style default
+    m.mlp = ""  # 'gelu' | 'swiglu'
+    m.positions = ""  # 'learned' | 'rope'
+    m.rope_theta = 10_000.0
+    m.tie_embeddings = config_dict.placeholder(bool)  # None -> style default
+    m.use_bias = config_dict.placeholder(bool)
+    m.norm_position = ""  # 'pre' | 'post'
+    m.embed_norm = config_dict.placeholder(bool)
+    m.type_vocab_size = -1  # -1 -> style default (BERT: 2); 0 = no token types
+    m.mlm_head_transform = config_dict.placeholder(bool)
+    m.dropout = 0.0
+    m.attention_impl = "einsum"  # 'einsum' | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+    m.remat = "none"  # 'none' | 'full' | 'dots': rematerialise each block in the backward pass
+    m.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU)
+    m.param_dtype = "float32"
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "stdlib"  # 'stdlib' | 'files' | a TFDS catalogue name (e.g. 'lm1b')
+    d.files = ""  # comma-separated paths or globs, for dataset='files'
+    d.tfds_data_dir = ""  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+    d.text_key = "text"
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.validation_fraction = 0.02
+    d.max_documents = 0  # 0 = all documents
+    d.tokenizer = "byte"  # 'byte' | 'sentencepiece'
+    d.tokenizer_path = ""
+    d.seq_len = 256
+    d.batch_size = 16  # global batch, over all processes and devices
+    d.shuffle = True
+    d.prefetch = 2
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.learning_rate = 3e-4
+    o.schedule = "cosine"  # 'cosine' | 'linear' | 'constant', all after a linear warmup
+    o.warmup_steps = 100
+    o.decay_steps = 0  # 0 -> train.num_steps
+    o.min_lr_ratio = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.decay_embeddings = False
+    o.decay_norms_and_biases = False
+    o.grad_clip_norm = 1.0
+    o.grad_accum_steps = 1  # micro-batches per step (the batch is split, gradients summed)
+    o.z_loss = 0.0  # PaLM's z-loss weight on logsumexp^2
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1000
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 8  # 0 = the whole held-out split
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 3
+    t.peak_flops_per_device = 0.0  # 0 -> look up the device kind, or measure on CPU
+    t.progress = True  # live progress line on the terminal
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 -> all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # Multi-host: one process per host (TPU VM) or per GPU node. On TPU VMs and SLURM/Open MPI
+    # clusters jax.distributed.initialize() finds everything by itself; elsewhere set the three
+    # fields below (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+def apply_presets(config: ml_collections.ConfigDict, arg: str | None, presets: dict) -> ml_collections.ConfigDict:
+    """Applies `key=value` pairs from the config argument, e.g. `configs/quickstart.py:size=tiny`.
+
+    `presets` maps a key to a function (config, value) -> None; unknown keys are an error.
+    """
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in presets:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(presets)}")
+        presets[key](config, value)
+    return config
+
+
+def set_size(config, size: str) -> None:
+    if size not in model_lib.SIZES:
+        raise ValueError(f"size must be one of {sorted(model_lib.SIZES)}, got {size!r}")
+    config.model.size = size
+
+
+def set_steps(config, steps: str) -> None:
+    config.train.num_steps = int(steps)
+
+
+# Config arguments every job accepts: `configs/<job>.py:size=mini,steps=2000`.
+COMMON_PRESETS = {"size": set_size, "steps": set_steps}
+
+
+def validate(config, *, num_devices: int, process_count: int = 1) -> None:
+    """Semantic checks that need no compilation; each error names the field."""
+    from llm_jax import sharding  # local: keep config parsing free of device state
+
+    if config.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
+    if config.task == "mlm" and config.model.kind != "encoder":
+        raise ValueError("task='mlm' needs model.kind='encoder'")
+    if config.task == "lm" and config.model.kind != "decoder":
+        raise ValueError("task='lm' needs model.kind='decoder' (an encoder sees the future)")
+    d, t, o = config.data, config.train, config.optimizer
+    for field, value in [("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
+                         ("train.num_steps", t.num_steps), ("train.log_every", t.log_every),
+                         ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
+                         ("train.keep_checkpoints", t.keep_checkpoints),
+                         ("optimizer.grad_accum_steps", o.grad_accum_steps)]:
+        if value < 1:
+            raise ValueError(f"{field} must be >= 1, got {value}")
+    if t.eval_batches < 0:
+        raise ValueError(f"train.eval_batches must be >= 0, got {t.eval_batches}")
+    if not 0.0 < d.validation_fraction < 1.0:
+        raise ValueError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
+
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    dp = shape["data"] * shape["fsdp"]
+    if d.batch_size % dp:
+        raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the data-parallel "
+                         f"degree mesh.data*mesh.fsdp = {dp}")
+    if d.batch_size % process_count:
+        raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the number of "
+                         f"processes ({process_count})")
+    if (d.batch_size // dp) % o.grad_accum_steps:
+        raise ValueError(f"data.batch_size per data-parallel shard ({d.batch_size // dp}) must be "
+                         f"divisible by optimizer.grad_accum_steps ({o.grad_accum_steps})")
+
+    model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size=256, seq_len=d.seq_len)
+    if d.seq_len > model_cfg.max_len:
+        raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_len ({model_cfg.max_len})")
+    tensor = shape["tensor"]
+    for field in ("n_heads", "n_kv_heads", "d_ff"):
+        if getattr(model_cfg, field) % tensor:
+            raise ValueError(f"model.{field} ({getattr(model_cfg, field)}) must be divisible by mesh.tensor ({tensor})")
+    if model_cfg.vocab_size % tensor:
+        raise ValueError(f"model.vocab_multiple ({config.model.vocab_multiple}) must make the vocabulary "
+                         f"divisible by mesh.tensor ({tensor})")
+    if model_cfg.d_model % shape["fsdp"]:
+        raise ValueError(f"model.d_model ({model_cfg.d_model}) must be divisible by mesh.fsdp ({shape['fsdp']})")
+
+
+# Fields that may differ between a run and its restart without making it another run.
+_RESTART_SAFE = {"train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                 "train.checkpoint_every", "train.keep_checkpoints", "train.progress",
+                 "train.peak_flops_per_device", "data.prefetch", "distributed.initialize",
+                 "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
+                 "data.tfds_data_dir"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_or_write_workdir_config(config, workdir: str, *, write: bool) -> None:
+    """Refuses a workdir that holds a run of a different config; writes config.json otherwise."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); move it away or use another workdir") from e
+        old_flat, new_flat = _flatten(old), _flatten(new)
+        changed = sorted(k for k in old_flat.keys() | new_flat.keys()
+                         if k not in _RESTART_SAFE and old_flat.get(k) != new_flat.get(k))
+        if changed:
+            first = changed[0]
+            raise ValueError(f"workdir {workdir} holds a run with a different config: {first} was "
+                             f"{old_flat.get(first)!r}, now {new_flat.get(first)!r} "
+                             f"({len(changed)} field(s) differ); use another --workdir")
+    if write:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(new, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)

@@ -1,0 +1,23 @@
+"""Runs a job: python -m llm_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+`--config` takes a config file with an optional argument (`configs/quickstart.py:size=tiny`) and
+any field can be overridden with `--config.optimizer.learning_rate=1e-3`.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<job>.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go; a run resumes from it.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

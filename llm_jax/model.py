@@ -1,0 +1,426 @@
+"""The one transformer of llm_jax: a causal decoder (GPT-2 / LLaMA style) or a bidirectional
+encoder (BERT), chosen by `TransformerConfig`.
+
+Every parameter carries logical axis names (see sharding.LOGICAL_RULES) and every large
+activation a logical sharding constraint, so the same module runs on one CPU or sharded over a
+("data", "fsdp", "tensor") mesh. Names carry their shapes: B batch, L length (queries), S length
+(keys), D d_model, H query heads, K key/value heads, G query heads per K head, E head dim,
+F d_ff, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# Model shapes by name, so that a scaling ladder is a list of names. Non-embedding parameter
+# counts (GPT-2 style) are in the comments; "gpt2" is GPT-2 small (124M with its 50257 vocab).
+SIZES: dict[str, dict[str, int]] = {
+    "nano": dict(d_model=64, n_layers=2, n_heads=2),  # ~0.1M
+    "micro": dict(d_model=96, n_layers=3, n_heads=3),  # ~0.33M
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4),  # ~0.8M
+    "mini": dict(d_model=256, n_layers=4, n_heads=4),  # ~3.2M
+    "small": dict(d_model=384, n_layers=6, n_heads=6),  # ~10.6M
+    "medium": dict(d_model=512, n_layers=8, n_heads=8),  # ~25M
+    "gpt2": dict(d_model=768, n_layers=12, n_heads=12),  # ~85M (+38.6M embeddings = 124M)
+    "gpt2-medium": dict(d_model=1024, n_layers=24, n_heads=16),  # ~302M
+}
+
+# Architectural defaults of each style; any field left unset in the config takes these.
+STYLES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", tie_embeddings=True,
+                 use_bias=True, norm_position="pre", embed_norm=False, type_vocab_size=0,
+                 mlm_head_transform=False, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", tie_embeddings=False,
+                  use_bias=False, norm_position="pre", embed_norm=False, type_vocab_size=0,
+                  mlm_head_transform=False, norm_eps=1e-5),
+    "bert": dict(norm="layernorm", mlp="gelu", positions="learned", tie_embeddings=True,
+                 use_bias=True, norm_position="post", embed_norm=True, type_vocab_size=2,
+                 mlm_head_transform=True, norm_eps=1e-12),
+}
+
+_CHOICES = {
+    "kind": ("decoder", "encoder"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "positions": ("learned", "rope"),
+    "norm_position": ("pre", "post"),
+    "attention_impl": ("einsum", "xla", "cudnn"),
+    "remat": ("none", "full", "dots"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Fully resolved architecture. Hashable, so a module built from it can be a jit static."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_len: int
+    kind: str = "decoder"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    positions: str = "learned"
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    norm_position: str = "pre"
+    embed_norm: bool = False
+    type_vocab_size: int = 0
+    mlm_head_transform: bool = False
+    dropout: float = 0.0
+    attention_impl: str = "einsum"
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for field, allowed in _CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"model.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of "
+                             f"model.n_kv_heads ({self.n_kv_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "decoder"
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int, seq_len: int) -> "TransformerConfig":
+        """Resolves a `config.model` ConfigDict: size and style presets fill unset fields.
+
+        `vocab_size` is the tokenizer's; it is padded up to `model.vocab_multiple` so the
+        embedding shards evenly and matmuls get friendly shapes (nanoGPT's 50304).
+        """
+        if model_cfg.size not in SIZES:
+            raise ValueError(f"model.size must be one of {sorted(SIZES)}, got {model_cfg.size!r}")
+        if model_cfg.style not in STYLES:
+            raise ValueError(f"model.style must be one of {sorted(STYLES)}, got {model_cfg.style!r}")
+        size, style = SIZES[model_cfg.size], STYLES[model_cfg.style]
+
+        def pick(name, default):
+            value = model_cfg[name]
+            unset = value is None or (not isinstance(value, bool) and value in (0, ""))
+            return default if unset else value
+
+        d_model = pick("d_model", size["d_model"])
+        n_heads = pick("n_heads", size["n_heads"])
+        if d_model % n_heads and not model_cfg.head_dim:
+            raise ValueError(f"model.d_model ({d_model}) must be divisible by model.n_heads ({n_heads})")
+        mlp = pick("mlp", style["mlp"])
+        # SwiGLU has three matrices; LLaMA's 8/3 * d keeps its parameter count equal to GELU's 4d.
+        default_ff = 4 * d_model if mlp == "gelu" else _round_up(int(8 * d_model / 3), 32)
+        multiple = model_cfg.vocab_multiple
+        if multiple < 1:
+            raise ValueError(f"model.vocab_multiple must be >= 1, got {multiple}")
+        return cls(
+            vocab_size=_round_up(vocab_size, multiple),
+            d_model=d_model,
+            n_layers=pick("n_layers", size["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=pick("n_kv_heads", n_heads),
+            head_dim=pick("head_dim", d_model // n_heads),
+            d_ff=pick("d_ff", default_ff),
+            max_len=pick("max_len", seq_len),
+            kind=model_cfg.kind,
+            norm=pick("norm", style["norm"]),
+            norm_eps=pick("norm_eps", style["norm_eps"]),
+            mlp=mlp,
+            positions=pick("positions", style["positions"]),
+            rope_theta=model_cfg.rope_theta,
+            tie_embeddings=pick("tie_embeddings", style["tie_embeddings"]),
+            use_bias=pick("use_bias", style["use_bias"]),
+            norm_position=pick("norm_position", style["norm_position"]),
+            embed_norm=pick("embed_norm", style["embed_norm"]),
+            # -1 means the style's default; decoders never have token types.
+            type_vocab_size=(0 if model_cfg.kind == "decoder" else style["type_vocab_size"]
+                             if model_cfg.type_vocab_size < 0 else model_cfg.type_vocab_size),
+            mlm_head_transform=pick("mlm_head_transform", style["mlm_head_transform"]),
+            dropout=model_cfg.dropout,
+            attention_impl=model_cfg.attention_impl,
+            remat=model_cfg.remat,
+            dtype=model_cfg.dtype,
+            param_dtype=model_cfg.param_dtype,
+        )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+def _dense_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _partitioned(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2, BERT) or RMSNorm (LLaMA), statistics in float32."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = x_BxLxD.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+        scale = self.param("scale", _partitioned(nn.initializers.ones, ("embed",)),
+                           (cfg.d_model,), jnp.dtype(cfg.param_dtype))
+        x = x * scale.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)),
+                              (cfg.d_model,), jnp.dtype(cfg.param_dtype))
+            x = x + bias.astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def rotary_embedding(x_BxLxNxE, positions_BxL, theta: float):
+    """RoPE with the half-split ("rotate_half") layout used by LLaMA checkpoints in HF format."""
+    half = x_BxLxNxE.shape[-1] // 2
+    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles_BxLx1xE2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2)[:, :, None, :]
+    sin, cos = jnp.sin(angles_BxLx1xE2), jnp.cos(angles_BxLx1xE2)
+    x = x_BxLxNxE.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxNxE.dtype)
+
+
+def attention_mask(mask_BxS, causal: bool, length: int):
+    """Boolean mask_Bx1xLxS of which keys each query may see (padding keys never)."""
+    allowed_BxLxS = jnp.ones((1, length, length), dtype=bool)
+    if causal:
+        allowed_BxLxS = jnp.tril(allowed_BxLxS)
+    if mask_BxS is not None:
+        allowed_BxLxS = allowed_BxLxS & mask_BxS[:, None, :].astype(bool)
+    return allowed_BxLxS[:, None, :, :]
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, allowed_Bx1xLxS, positions_BxL):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+
+        def projection(name, heads, head_axis):
+            return nn.DenseGeneral(
+                features=(heads, E), axis=-1, use_bias=cfg.use_bias, dtype=dtype,
+                param_dtype=param_dtype, name=name,
+                kernel_init=_partitioned(_dense_init(0.02), ("embed", head_axis, "kv")),
+                bias_init=_partitioned(nn.initializers.zeros, (head_axis, "kv")))
+
+        q_BxLxHxE = projection("query", H, "heads")(x_BxLxD)
+        k_BxSxKxE = projection("key", K, "kv_heads")(x_BxLxD)
+        v_BxSxKxE = projection("value", K, "kv_heads")(x_BxLxD)
+        if cfg.positions == "rope":
+            q_BxLxHxE = rotary_embedding(q_BxLxHxE, positions_BxL, cfg.rope_theta)
+            k_BxSxKxE = rotary_embedding(k_BxSxKxE, positions_BxL, cfg.rope_theta)
+        q_BxLxHxE = nn.with_logical_constraint(q_BxLxHxE, ("act_batch", "act_length", "act_heads", None))
+        k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("act_batch", "act_length", "act_heads", None))
+        v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("act_batch", "act_length", "act_heads", None))
+
+        if cfg.attention_impl == "einsum":
+            out_BxLxHxE = _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS)
+        else:
+            out_BxLxHxE = jax.nn.dot_product_attention(
+                q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=allowed_Bx1xLxS,
+                implementation=cfg.attention_impl)
+        out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("act_batch", "act_length", "act_heads", None))
+        return nn.DenseGeneral(
+            features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
+            param_dtype=param_dtype, name="out",
+            kernel_init=_partitioned(_dense_init(out_std), ("heads", "kv", "embed")),
+            bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(out_BxLxHxE)
+
+
+def _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS):
+    """Plain softmax attention; grouped-query heads share K/V without copying them."""
+    B, L, H, E = q_BxLxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+    scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE) / np.sqrt(E).astype(q_BxLxHxE.dtype)
+    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32)
+    # A finite "minus infinity" keeps fully masked rows (padding queries) free of NaNs.
+    scores_BxKxGxLxS = jnp.where(allowed_Bx1xLxS[:, :, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
+    return out_BxLxKxGxE.reshape(B, L, H, E)
+
+
+class Mlp(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def dense(name, features, axes, std):
+            return nn.Dense(features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=param_dtype,
+                            name=name, kernel_init=_partitioned(_dense_init(std), axes),
+                            bias_init=_partitioned(nn.initializers.zeros, axes[-1:]))
+
+        if cfg.mlp == "swiglu":
+            gate_BxLxF = dense("gate", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD)
+            up_BxLxF = dense("up", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD)
+            h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+        else:
+            # Exact (erf) GELU, as GPT-2's "gelu_new" differs only by ~1e-3 and BERT uses erf.
+            h_BxLxF = nn.gelu(dense("up", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD), approximate=False)
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("act_batch", "act_length", "act_mlp"))
+        return dense("down", cfg.d_model, ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layers))(h_BxLxF)
+
+
+class Block(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, allowed_Bx1xLxS, positions_BxL, deterministic: bool):
+        cfg = self.cfg
+        dropout = nn.Dropout(cfg.dropout)
+        if cfg.norm_position == "pre":
+            h = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x_BxLxD), allowed_Bx1xLxS, positions_BxL)
+            x_BxLxD = x_BxLxD + dropout(h, deterministic=deterministic)
+            h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxLxD))
+            x_BxLxD = x_BxLxD + dropout(h, deterministic=deterministic)
+        else:  # post-norm, as the original BERT
+            h = Attention(cfg, name="attn")(x_BxLxD, allowed_Bx1xLxS, positions_BxL)
+            x_BxLxD = Norm(cfg, name="attn_norm")(x_BxLxD + dropout(h, deterministic=deterministic))
+            h = Mlp(cfg, name="mlp")(x_BxLxD)
+            x_BxLxD = Norm(cfg, name="mlp_norm")(x_BxLxD + dropout(h, deterministic=deterministic))
+        return nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    """tokens_BxL -> logits_BxLxV (next-token logits for a decoder, MLM logits for an encoder).
+
+    `mask_BxL` marks real tokens (1) vs padding (0); padding keys are never attended to.
+    `return_hidden=True` returns the final hidden states instead (for scalar/reward heads).
+    """
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, *, mask_BxL=None, token_types_BxL=None, positions_BxL=None,
+                 deterministic: bool = True, return_hidden: bool = False):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, L = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+
+        token_embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                               embedding_init=_partitioned(_dense_init(0.02), ("vocab", "embed")),
+                               name="token_embed")
+        x_BxLxD = token_embed(tokens_BxL)
+        if cfg.positions == "learned":
+            x_BxLxD += nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                                embedding_init=_partitioned(_dense_init(0.01), (None, "embed")),
+                                name="position_embed")(positions_BxL)
+        if cfg.type_vocab_size:
+            if token_types_BxL is None:
+                token_types_BxL = jnp.zeros_like(tokens_BxL)
+            x_BxLxD += nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                                embedding_init=_partitioned(_dense_init(0.02), (None, "embed")),
+                                name="type_embed")(token_types_BxL)
+        if cfg.embed_norm:
+            x_BxLxD = Norm(cfg, name="embed_norm")(x_BxLxD)
+        x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD.astype(dtype), ("act_batch", "act_length", "act_embed"))
+
+        allowed_Bx1xLxS = attention_mask(mask_BxL, cfg.causal, L)
+        block_cls = Block
+        if cfg.remat != "none":
+            # deterministic (argument 4, counting self) is a Python bool: static for remat.
+            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4,))
+        for i in range(cfg.n_layers):
+            x_BxLxD = block_cls(cfg, name=f"block_{i}")(x_BxLxD, allowed_Bx1xLxS, positions_BxL, deterministic)
+
+        if cfg.norm_position == "pre":
+            x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
+        if return_hidden:
+            return x_BxLxD
+        if cfg.kind == "encoder" and cfg.mlm_head_transform:
+            # BERT's MLM transform: dense -> GELU -> norm before the (tied) vocabulary projection.
+            x_BxLxD = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="mlm_transform",
+                               kernel_init=_partitioned(_dense_init(0.02), ("embed", "mlp")),
+                               bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(x_BxLxD)
+            x_BxLxD = Norm(cfg, name="mlm_norm")(nn.gelu(x_BxLxD, approximate=False))
+        if cfg.tie_embeddings:
+            logits_BxLxV = token_embed.attend(x_BxLxD)
+            if cfg.kind == "encoder":
+                logits_BxLxV += self.param("mlm_bias", _partitioned(nn.initializers.zeros, ("vocab",)),
+                                           (cfg.vocab_size,), param_dtype).astype(dtype)
+        else:
+            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=cfg.kind == "encoder", dtype=dtype,
+                                    param_dtype=param_dtype, name="lm_head",
+                                    kernel_init=_partitioned(_dense_init(0.02), ("embed", "vocab")),
+                                    bias_init=_partitioned(nn.initializers.zeros, ("vocab",)))(x_BxLxD)
+        return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counting
+# --------------------------------------------------------------------------------------------
+
+def parameter_counts(params) -> dict[str, int]:
+    """Total parameters and non-embedding ones (Kaplan et al.'s N).
+
+    Embeddings are every table named `embedding` (tokens, positions, token types) and an untied
+    output head; a tied head shares the token table so it is not counted twice.
+    """
+    total, embedding = 0, 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+        size = int(np.prod(leaf.shape))
+        total += size
+        if names[-1] == "embedding" or "lm_head" in names:
+            embedding += size
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def init_params_shape(cfg: TransformerConfig, batch_size: int = 1, seq_len: int | None = None):
+    """Abstract (boxed) parameter shapes without allocating anything."""
+    seq_len = seq_len or cfg.max_len
+    model = Transformer(cfg)
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    return jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), tokens)

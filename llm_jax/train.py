@@ -1,0 +1,234 @@
+"""The one training loop, shared by every task: restore-or-init, step, log, eval, checkpoint.
+
+    state = restore(workdir) or sharded_init()
+    for step: batch -> train_step (jitted once, explicit shardings, donated state)
+              every log_every: metrics of the previous dispatch are read, so the host never
+                               waits for the step it just launched
+              every eval_every: held-out loss / perplexity
+              every checkpoint_every: state + data-iterator position
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import linen as nn
+
+from llm_jax import checkpoint, config_lib, metrics, optimizer, sharding, steps
+from llm_jax import model as model_lib
+from llm_jax.data import pipeline, tokenizer as tokenizer_lib
+
+
+def maybe_initialize_distributed(dist_cfg) -> None:
+    """jax.distributed.initialize() for multi-host runs; on TPU VMs and SLURM/Open MPI clusters
+    it discovers the coordinator and process ids by itself, so every field may stay unset."""
+    if not dist_cfg.initialize:
+        return
+    kwargs = {}
+    if dist_cfg.coordinator_address:
+        kwargs["coordinator_address"] = dist_cfg.coordinator_address
+    if dist_cfg.num_processes > 0:
+        kwargs["num_processes"] = dist_cfg.num_processes
+    if dist_cfg.process_id >= 0:
+        kwargs["process_id"] = dist_cfg.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything the loop needs that follows from the config, built once."""
+
+    config: object
+    tokenizer: object
+    model_cfg: model_lib.TransformerConfig
+    model: model_lib.Transformer
+    mesh: jax.sharding.Mesh
+    tx: object
+    schedule: object
+    token_info: steps.TokenInfo
+
+
+def build_experiment(config, *, devices=None) -> Experiment:
+    devices = jax.devices() if devices is None else devices
+    config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
+    tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
+    model_cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    if model_cfg.vocab_size % mesh.shape["tensor"]:
+        raise ValueError(f"model.vocab_multiple ({config.model.vocab_multiple}) must make the vocabulary "
+                         f"({model_cfg.vocab_size}) divisible by mesh.tensor ({mesh.shape['tensor']})")
+    tx, schedule = optimizer.make_optimizer(config.optimizer, total_steps=config.train.num_steps)
+    token_info = steps.TokenInfo(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
+                                 num_special=tokenizer.num_special)
+    return Experiment(config, tokenizer, model_cfg, model_lib.Transformer(model_cfg), mesh, tx, schedule, token_info)
+
+
+def _init_boxed_params(model, seq_len, rng):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(rng, tokens, deterministic=True)["params"]
+
+
+def state_shardings_and_init(exp: Experiment, seed: int):
+    """(abstract state with shardings, init function) for sharded initialisation.
+
+    The shapes come from `jax.eval_shape`, the shardings from the parameters' logical axis names,
+    and `jax.jit(init, out_shardings=...)` materialises each shard directly on its device: the
+    full model never exists on one device.
+    """
+    seq_len = exp.config.data.seq_len
+    rng = jax.random.PRNGKey(seed)
+    params_rng, state_rng = jax.random.split(rng)
+    init_params = functools.partial(_init_boxed_params, exp.model, seq_len)
+    boxed = jax.eval_shape(init_params, params_rng)
+    param_shardings = sharding.logical_shardings(boxed, exp.mesh)
+
+    def init_state(key):
+        params = nn.unbox(init_params(key))
+        return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=exp.tx.init(params), rng=state_rng)
+
+    abstract = jax.eval_shape(init_state, params_rng)
+    shardings = steps.TrainState(
+        step=sharding.replicated(exp.mesh), params=param_shardings,
+        opt_state=sharding.optimizer_state_shardings(exp.tx, abstract.opt_state, param_shardings, exp.mesh),
+        rng=sharding.replicated(exp.mesh))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    init = jax.jit(init_state, out_shardings=shardings)
+    return abstract, shardings, lambda: init(params_rng)
+
+
+def compile_steps(exp: Experiment, state_shardings):
+    cfg = exp.config
+    batch_sharding = sharding.batch_sharding(exp.mesh)
+    batch_shardings = {"tokens": batch_sharding, "mask": batch_sharding}
+    train_step = steps.make_train_step(exp.model, exp.tx, exp.schedule, task=cfg.task, token_info=exp.token_info,
+                                       z_loss_weight=cfg.optimizer.z_loss,
+                                       grad_accum_steps=cfg.optimizer.grad_accum_steps)
+    eval_step = steps.make_eval_step(exp.model, task=cfg.task, token_info=exp.token_info, seed=cfg.seed)
+    replicated = sharding.replicated(exp.mesh)
+    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    eval_step = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+    return train_step, eval_step, batch_sharding
+
+
+def evaluate(eval_step, params, eval_batches) -> dict[str, float]:
+    totals = None
+    for batch in eval_batches:
+        sums = eval_step(params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals["weight_sum"]), 1.0)
+    loss = float(totals["loss_sum"]) / weight
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+            "eval/accuracy": float(totals["correct_sum"]) / weight}
+
+
+def _check_finite(step: int, scalars: dict) -> None:
+    loss = scalars["train/loss"]
+    if not np.isfinite(loss) or not np.isfinite(scalars["train/grad_norm"]):
+        raise FloatingPointError(f"non-finite loss ({loss}) or grad norm ({scalars['train/grad_norm']}) at step "
+                                 f"{step}; the last good checkpoint is kept")
+
+
+def run(config, workdir: str) -> dict[str, float]:
+    """Trains until `train.num_steps`, resuming from `workdir` if it holds checkpoints.
+    Returns the last logged train and eval metrics."""
+    maybe_initialize_distributed(config.distributed)
+    exp = build_experiment(config)
+    cfg, is_primary = config, jax.process_index() == 0
+    config_lib.check_or_write_workdir_config(cfg, workdir, write=is_primary)
+
+    abstract_state, state_shardings, init_state = state_shardings_and_init(exp, cfg.seed)
+    train_step, eval_step, batch_sharding = compile_steps(exp, state_shardings)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    train_iter = pipeline.make_train_iterator(cfg.data, exp.tokenizer, global_batch_size=cfg.data.batch_size,
+                                              seed=cfg.seed, process_index=process_index,
+                                              process_count=process_count)
+    eval_batches = [sharding.shard_host_batch(b, batch_sharding) for b in pipeline.make_eval_batches(
+        cfg.data, exp.tokenizer, global_batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches,
+        process_index=process_index, process_count=process_count)]
+
+    manager = checkpoint.make_manager(workdir, keep=cfg.train.keep_checkpoints)
+    latest = manager.latest_step()
+    with sharding.mesh_context(exp.mesh):
+        if latest is not None:
+            state = checkpoint.restore(manager, latest, abstract_state, train_iter)
+            logging.info("resumed from %s at step %d", workdir, latest)
+        else:
+            state = init_state()
+    start_step = int(jax.device_get(state.step))
+
+    counts = model_lib.parameter_counts(state.params)
+    flops_per_token = metrics.flops_per_token(exp.model_cfg, cfg.data.seq_len)
+    peak, peak_source = metrics.peak_flops_per_device(jax.devices()[0], dtype=exp.model_cfg.dtype,
+                                                      override=cfg.train.peak_flops_per_device)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    if is_primary:
+        print(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
+              f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(exp.mesh.shape)}; "
+              f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
+        print(f"workdir {workdir}: metrics {workdir}/metrics.jsonl, checkpoints {workdir}/checkpoints, "
+              f"TensorBoard {workdir}/tensorboard" + (f"; resuming at step {start_step}" if start_step else ""))
+
+    writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else None)
+    progress = metrics.Progress(cfg.train.num_steps, start_step=start_step, enabled=is_primary and cfg.train.progress)
+    last: dict[str, float] = {}
+    pending = None  # (step, device metrics) dispatched but not read yet
+    timer = None  # (step, time) at the last measurement point, after compilation
+
+    def log(step, device_metrics):
+        nonlocal timer
+        scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        _check_finite(step, scalars)
+        now = time.perf_counter()
+        if timer is not None and step > timer[0]:
+            tokens_per_sec = (step - timer[0]) * tokens_per_step / (now - timer[1])
+            scalars["train/tokens_per_sec"] = tokens_per_sec
+            scalars["train/step_time"] = (now - timer[1]) / (step - timer[0])
+            scalars["train/mfu"] = metrics.mfu(tokens_per_sec, flops_per_token, peak, jax.device_count())
+        timer = (step, now)
+        scalars["train/tokens_seen"] = step * tokens_per_step
+        writer.write(step, scalars)
+        progress.update(step, loss=scalars["train/loss"], tokens_per_sec=scalars.get("train/tokens_per_sec"))
+        last.update(scalars)
+
+    with sharding.mesh_context(exp.mesh):
+        for step in range(start_step + 1, cfg.train.num_steps + 1):
+            batch = sharding.shard_host_batch(next(train_iter), batch_sharding)
+            state, step_metrics = train_step(state, batch)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                log(*pending)
+                pending = None
+            if timer is None:  # the first step includes compilation: time from its end
+                jax.block_until_ready(step_metrics)
+                timer = (step, time.perf_counter())
+            if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
+                pending = (step, step_metrics)
+            if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
+                if pending is not None:
+                    log(*pending)
+                    pending = None
+                eval_metrics = evaluate(eval_step, state.params, eval_batches)
+                writer.write(step, eval_metrics)
+                last.update(eval_metrics)
+                if is_primary:
+                    progress.write(f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, "
+                                   f"perplexity {eval_metrics['eval/perplexity']:.2f}")
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
+                if pending is not None:  # never checkpoint a state whose loss was not checked
+                    log(*pending)
+                    pending = None
+                checkpoint.save(manager, step, state, train_iter)
+        if pending is not None:
+            log(*pending)
+    progress.close()
+    writer.close()
+    manager.close()
+    return last
