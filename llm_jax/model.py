@@ -230,21 +230,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, allowed_Bx1xLxS, positions_BxL):
         cfg = self.cfg
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # GPT-2's scaled init of residual projections keeps the residual stream's variance flat.
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-
-        def projection(name, heads, head_axis):
-            return nn.DenseGeneral(
-                features=(heads, E), axis=-1, use_bias=cfg.use_bias, dtype=dtype,
-                param_dtype=param_dtype, name=name,
-                kernel_init=_partitioned(_dense_init(0.02), ("embed", head_axis, "kv")),
-                bias_init=_partitioned(nn.initializers.zeros, (head_axis, "kv")))
-
-        q_BxLxHxE = projection("query", H, "heads")(x_BxLxD)
-        k_BxSxKxE = projection("key", K, "kv_heads")(x_BxLxD)
-        v_BxSxKxE = projection("value", K, "kv_heads")(x_BxLxD)
+        q_BxLxHxE = ModelToHeads(cfg, cfg.n_heads, "heads", name="query")(x_BxLxD)
+        k_BxSxKxE = ModelToHeads(cfg, cfg.n_kv_heads, "kv_heads", name="key")(x_BxLxD)
+        v_BxSxKxE = ModelToHeads(cfg, cfg.n_kv_heads, "kv_heads", name="value")(x_BxLxD)
         if cfg.positions == "rope":
             q_BxLxHxE = rotary_embedding(q_BxLxHxE, positions_BxL, cfg.rope_theta)
             k_BxSxKxE = rotary_embedding(k_BxSxKxE, positions_BxL, cfg.rope_theta)
@@ -259,11 +249,48 @@ class Attention(nn.Module):
                 q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=allowed_Bx1xLxS,
                 implementation=cfg.attention_impl)
         out_BxLxHxE = nn.with_logical_constraint(out_BxLxHxE, ("act_batch", "act_length", "act_heads", None))
-        return nn.DenseGeneral(
-            features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
-            param_dtype=param_dtype, name="out",
-            kernel_init=_partitioned(_dense_init(out_std), ("heads", "kv", "embed")),
-            bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(out_BxLxHxE)
+        return HeadsToModel(cfg, out_std, name="out")(out_BxLxHxE)
+
+
+# The attention projections are einsums over explicit 3-D kernels because DenseGeneral
+# initialises multi-axis kernels flattened, which would lose the per-axis logical names.
+class ModelToHeads(nn.Module):
+    """D -> (N heads, E): the query, key and value projections."""
+
+    cfg: TransformerConfig
+    heads: int
+    head_axis: str  # logical name of the heads axis: "heads" or "kv_heads"
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kernel_DxNxE = self.param("kernel", _partitioned(_dense_init(0.02), ("embed", self.head_axis, "kv")),
+                                  (cfg.d_model, self.heads, cfg.head_dim), param_dtype)
+        y_BxLxNxE = jnp.einsum("bld,dne->blne", x_BxLxD.astype(dtype), kernel_DxNxE.astype(dtype))
+        if cfg.use_bias:
+            y_BxLxNxE += self.param("bias", _partitioned(nn.initializers.zeros, (self.head_axis, "kv")),
+                                    (self.heads, cfg.head_dim), param_dtype).astype(dtype)
+        return y_BxLxNxE
+
+
+class HeadsToModel(nn.Module):
+    """(H heads, E) -> D: the attention output projection."""
+
+    cfg: TransformerConfig
+    init_std: float
+
+    @nn.compact
+    def __call__(self, x_BxLxHxE):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kernel_HxExD = self.param("kernel", _partitioned(_dense_init(self.init_std), ("heads", "kv", "embed")),
+                                  (cfg.n_heads, cfg.head_dim, cfg.d_model), param_dtype)
+        y_BxLxD = jnp.einsum("blhe,hed->bld", x_BxLxHxE.astype(dtype), kernel_HxExD.astype(dtype))
+        if cfg.use_bias:
+            y_BxLxD += self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)),
+                                  (cfg.d_model,), param_dtype).astype(dtype)
+        return y_BxLxD
 
 
 def _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS):

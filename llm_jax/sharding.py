@@ -59,20 +59,19 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """jax.make_mesh places devices topology-aware (ICI rings on TPU, NVLink islands on GPU).
+    Axes are "auto": XLA propagates shardings from the explicit in/out shardings and the model's
+    logical constraints (pjit semantics)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    if len(devices) == len(jax.devices()):
-        # Topology-aware placement (ICI rings on TPU, NVLink islands on GPU) when using them all.
-        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    else:
-        device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
     """Mesh and logical rules in scope, so the model's logical constraints resolve while tracing."""
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
 
 

@@ -110,9 +110,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
             "train/z_loss": sums["z_loss_sum"] / total_weight,
             "train/accuracy": sums["correct_sum"] / total_weight,
             "train/tokens": sums["weight_sum"],
-            "train/grad_norm": optax.global_norm(grads),
-            "train/update_norm": optax.global_norm(updates),
-            "train/param_norm": optax.global_norm(params),
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/update_norm": optax.tree.norm(updates),
+            "train/param_norm": optax.tree.norm(params),
             "train/learning_rate": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -5,3 +5,51 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after XLA_FLAGS on purpose)
+
+
+def make_tiny_config(**overrides):
+    """A nano decoder on a tiny local corpus: fast enough to train a few steps in a test."""
+    from llm_jax import config_lib
+
+    config = config_lib.base_config()
+    config.model.size = "nano"
+    config.data.seq_len = 32
+    config.data.batch_size = 8
+    config.data.prefetch = 0
+    config.optimizer.warmup_steps = 2
+    config.optimizer.learning_rate = 1e-2
+    config.train.num_steps = 6
+    config.train.log_every = 1
+    config.train.eval_every = 3
+    config.train.eval_batches = 2
+    config.train.checkpoint_every = 3
+    config.train.progress = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """A few KB of varied text files (real Python sources from this repository)."""
+    import pathlib
+    import shutil
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "llm_jax"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, path in enumerate(sorted(root.glob("*.py"))):
+        shutil.copy(path, corpus / f"{i:02d}_{path.name}.txt")
+    return str(corpus / "*.txt")

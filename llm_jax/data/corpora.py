@@ -4,7 +4,8 @@
   'stdlib'  the Python standard library's own *.py files: on every machine that runs us
   'files'   the local text files named by `data.files` (comma-separated paths or globs)
   any other name: a TFDS catalogue dataset (lm1b, c4, ...) already prepared under
-            `data.tfds_data_dir` in array_record format (this machine has no internet)
+            `data.tfds_data_dir` in array_record format (this machine has no internet);
+            its own splits, `data.text_key` as the text, the first `data.max_documents` of each
 
 The first two are prepared by the `TextFiles` builder: one document per file, in sorted path
 order (the fixed order), of which `data.max_documents` keeps the first N and
@@ -100,16 +101,22 @@ def validation_positions(num_documents: int, fraction: float) -> list[bool]:
 
 
 class TextSource:
-    """One split's texts by position: `len()` and `[i] -> str`, as `grain.MapDataset.source` wants."""
+    """One split's texts by position: `len()` and `[i] -> str`, as `grain.MapDataset.source` wants.
 
-    def __init__(self, data_source: Sequence[dict], text_key: str):
+    `max_documents` > 0 keeps only the first ones.
+    """
+
+    def __init__(self, data_source: Sequence[dict], text_key: str, max_documents: int = 0):
         self._data_source = data_source
         self._text_key = text_key
+        self._length = min(len(data_source), max_documents) if max_documents > 0 else len(data_source)
 
     def __len__(self) -> int:
-        return len(self._data_source)
+        return self._length
 
     def __getitem__(self, index: int) -> str:
+        if not 0 <= index < self._length:
+            raise IndexError(f"document {index} of {self._length}")
         text = self._data_source[index][self._text_key]
         return text.decode("utf-8") if isinstance(text, bytes) else text
 
@@ -138,7 +145,7 @@ def files_config(data_cfg) -> TextFilesConfig:
     """The files named by `data.files`, sorted by absolute path, empty files left out."""
     paths = set()
     for pattern in filter(None, (p.strip() for p in data_cfg.files.split(","))):
-        if glob.has_magic(pattern):
+        if any(char in pattern for char in "*?["):
             matches = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
             if not matches:
                 raise ValueError(f"data.files: {pattern!r} matches no file")
@@ -246,4 +253,4 @@ def _catalogue_split(data_cfg, split: str) -> TextSource:
             f"data.dataset={name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, "
             f"not array_record: rebuild it with `tfds build {name} --file_format=array_record`"
         ) from None
-    return TextSource(source, data_cfg.text_key)
+    return TextSource(source, data_cfg.text_key, data_cfg.max_documents)

@@ -66,22 +66,22 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str):
         if not model_path:
             raise ValueError(
-                    "data.tokenizer_path is empty: give the .model file written by "
-                    "`python -m llm_jax.data.tokenizer train`"
+                "data.tokenizer_path is empty: give the .model file written by "
+                "`python -m llm_jax.data.tokenizer train`"
             )
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_path)
         except (OSError, RuntimeError) as e:
             reason = str(e).splitlines()[0]
             raise ValueError(
-                    f"data.tokenizer_path={model_path!r}: cannot load a SentencePiece model ({reason})"
+                f"data.tokenizer_path={model_path!r}: cannot load a SentencePiece model ({reason})"
             ) from None
         self.mask_id = self._sp.piece_to_id(MASK_PIECE)
         layout = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id(), self.mask_id)
         if layout != (0, 1, 2, -1, 3):
             raise ValueError(
-                    f"data.tokenizer_path={model_path!r}: special ids (pad, eos, unk, bos, {MASK_PIECE}) are "
-                    f"{layout}, expected (0, 1, 2, -1, 3); train it with `python -m llm_jax.data.tokenizer train`"
+                f"data.tokenizer_path={model_path!r}: special ids (pad, eos, unk, bos, {MASK_PIECE}) are "
+                f"{layout}, expected (0, 1, 2, -1, 3); train it with `python -m llm_jax.data.tokenizer train`"
             )
         self.pad_id = 0
         self.eos_id = 1
@@ -125,12 +125,12 @@ def _training_sentences(documents: Iterable[str], max_sentence_chars: int) -> It
 
 
 def train_sentencepiece(
-        documents: Iterable[str],
-        *,
-        vocab_size: int,
-        output_prefix: str,
-        max_sentence_chars: int = 2048,
-        model_type: str = "unigram",
+    documents: Iterable[str],
+    *,
+    vocab_size: int,
+    output_prefix: str,
+    max_sentence_chars: int = 2048,
+    model_type: str = "unigram",
 ) -> str:
     """Trains a SentencePiece model on `documents`; writes `output_prefix`.model/.vocab.
 
@@ -143,33 +143,35 @@ def train_sentencepiece(
     """
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(documents, max_sentence_chars),
-            model_prefix=output_prefix,
-            model_type=model_type,
-            vocab_size=vocab_size,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            control_symbols=[MASK_PIECE],
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            # SentencePiece counts bytes and silently skips longer sentences; 4 bytes per character
-            # is the UTF-8 worst case.
-            max_sentence_length=4 * max_sentence_chars,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=1,
+        sentence_iterator=_training_sentences(documents, max_sentence_chars),
+        model_prefix=output_prefix,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        control_symbols=[MASK_PIECE],
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        # SentencePiece counts bytes and silently skips longer sentences; 4 bytes per character
+        # is the UTF-8 worst case.
+        max_sentence_length=4 * max_sentence_chars,
+        num_threads=os.cpu_count() or 1,
+        # Errors only: it warns about every piece holding a newline (learnt on purpose), which the
+        # human-readable .vocab cannot show unambiguously; the .model is exact.
+        minloglevel=2,
     )
     return output_prefix + ".model"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm_jax.data.tokenizer", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SentencePiece model on a corpus' train split")
     train.add_argument("--dataset", default="stdlib", help="as data.dataset: stdlib | files | a TFDS name")
@@ -182,7 +184,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     train.add_argument("--vocab_size", type=int, default=8000)
     train.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
     train.add_argument("--max_sentence_chars", type=int, default=2048,
-                     help="documents are cut into runs of whole lines of at most this many characters")
+                       help="documents are cut into runs of whole lines of at most this many characters")
     train.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
     return parser.parse_args(argv)
 
@@ -191,22 +193,24 @@ def main(argv: Sequence[str] | None = None) -> str:
     """The CLI; returns the path of the trained .model file."""
     args = _parse_args(argv)
     corpus_cfg = ml_collections.ConfigDict(dict(
-            dataset=args.dataset,
-            files=args.files,
-            tfds_data_dir=args.tfds_data_dir,
-            text_key=args.text_key,
-            validation_fraction=args.validation_fraction,
-            max_documents=args.max_documents,
+        dataset=args.dataset,
+        files=args.files,
+        tfds_data_dir=args.tfds_data_dir,
+        text_key=args.text_key,
+        validation_fraction=args.validation_fraction,
+        max_documents=args.max_documents,
     ))
     texts = corpora.load_split(corpus_cfg, args.split)
+    print(f"training a {args.model_type} SentencePiece model of {args.vocab_size} pieces on "
+          f"{len(texts)} documents of {args.dataset}/{args.split}", flush=True)
     model_path = train_sentencepiece(
-            (texts[i] for i in range(len(texts))),
-            vocab_size=args.vocab_size,
-            output_prefix=args.output,
-            max_sentence_chars=args.max_sentence_chars,
-            model_type=args.model_type,
+        (texts[i] for i in range(len(texts))),
+        vocab_size=args.vocab_size,
+        output_prefix=args.output,
+        max_sentence_chars=args.max_sentence_chars,
+        model_type=args.model_type,
     )
-    print(f"wrote {model_path} (vocab {args.vocab_size}, {len(texts)} documents of {args.dataset}/{args.split})")
+    print(f"wrote {model_path}")
     return model_path
 
 
