@@ -130,7 +130,12 @@ def set_size(config, size: str) -> None:
 
 
 def set_steps(config, steps: str) -> None:
+    """A shorter or longer run; the warmup shrinks with it (to at most a tenth of the run), since
+    a schedule cannot decay before its warmup ends."""
     config.train.num_steps = int(steps)
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, int(steps) // 10)
+    for every in ("eval_every", "checkpoint_every"):
+        config.train[every] = min(config.train[every], int(steps))
 
 
 # Config arguments every job accepts: `configs/<job>.py:size=mini,steps=2000`.
