@@ -3,7 +3,7 @@
 `--config` takes a config file with an optional argument (`configs/quickstart.py:size=tiny`) and
 any field can be overridden with `--config.optimizer.learning_rate=1e-3`.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax import train
@@ -16,6 +16,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint step at INFO; the loop prints what a user needs. -v 0 shows it.
+        logging.set_verbosity(logging.WARNING)
     train.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -1,0 +1,56 @@
+"""Two processes on localhost, joined by jax.distributed, train one model together.
+
+Each process owns 2 (fake CPU) devices of a 4-device mesh and reads its own shard of the data;
+they must agree on every logged loss, and a restart of both resumes from the shared checkpoint.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax import metrics
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, corpus, tfds_dir, steps):
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = []
+    for process_id in range(2):
+        args = [sys.executable, "-m", "llm_jax.main", f"--config=configs/quickstart.py:size=nano,steps={steps}",
+                f"--workdir={workdir}", "--config.data.dataset=files", f"--config.data.files={corpus}",
+                f"--config.data.tfds_data_dir={tfds_dir}", "--config.data.validation_fraction=0.2",
+                "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.train.log_every=1",
+                "--config.train.eval_batches=2", "--config.train.checkpoint_every=2", "--config.train.progress=False",
+                "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=localhost:{port}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+        procs.append(subprocess.Popen(args, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_processes_train_and_resume_together(text_corpus, tmp_path):
+    workdir, tfds_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
+    launch(workdir, text_corpus, tfds_dir, steps=2)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    outputs = launch(workdir, text_corpus, tfds_dir, steps=4)  # the second launch resumes at step 2
+    assert "resuming at step 2" in outputs[0]
+    rows = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))  # written by process 0 only
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    # Both processes' data-iterator positions are in the checkpoint.
+    data_files = set(os.listdir(os.path.join(workdir, "checkpoints", "4", "data")))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
