@@ -178,6 +178,11 @@ def run(config, workdir: str) -> dict[str, float]:
               f"TensorBoard {workdir}/tensorboard" + (f"; resuming at step {start_step}" if start_step else ""))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else None)
+    if is_primary and latest is None and cfg.task == "lm":
+        # The loss of a model that knows only token frequencies: a trained LM must beat it by far.
+        baseline = pipeline.unigram_baseline(cfg.data, exp.tokenizer)
+        writer.write(0, {"eval/unigram_baseline": baseline})
+        print(f"unigram baseline on the held-out split: {baseline:.4f} nats/token")
     progress = metrics.Progress(cfg.train.num_steps, start_step=start_step, enabled=is_primary and cfg.train.progress)
     last: dict[str, float] = {}
     pending = None  # (step, device metrics) dispatched but not read yet
