@@ -185,7 +185,7 @@ def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, 
                mesh=dict(exp.mesh.shape), flops_per_token=flops_per_token, peak_flops_per_device=peak,
                peak_source=source)
 
-    abstract_state, state_shardings, init_state = train.state_shardings_and_init(exp, seed)
+    _, state_shardings, init_state = train.state_shardings_and_init(exp, seed)
     train_step, _, batch_sharding = train.compile_steps(exp, state_shardings)
     local_rows = batch_size // jax.process_count()
     rng = np.random.default_rng(seed)
