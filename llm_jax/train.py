@@ -226,11 +226,13 @@ def run(config, workdir: str) -> dict[str, float]:
                 if is_primary:
                     progress.write(f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, "
                                    f"perplexity {eval_metrics['eval/perplexity']:.2f}")
+                timer = (step, time.perf_counter())  # throughput counts training time only
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
                 if pending is not None:  # never checkpoint a state whose loss was not checked
                     log(*pending)
                     pending = None
                 checkpoint.save(manager, step, state, train_iter)
+                timer = (step, time.perf_counter())
         if pending is not None:
             log(*pending)
     progress.close()
