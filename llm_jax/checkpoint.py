@@ -54,3 +54,46 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         args["data"] = grain.checkpoint.CheckpointRestore(_IteratorForGrainHandler(data_iterator))
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"]
+
+
+def latest_checkpoint_dir(path: str, *, field: str) -> str:
+    """The newest complete step folder of a workdir (or `path` itself if it is a step folder).
+    `field` names the config field that gave the path, for the error message."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    checkpoints = os.path.join(path, "checkpoints")
+    steps = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit()) \
+        if os.path.isdir(checkpoints) else []
+    if not steps:
+        raise FileNotFoundError(f"{field}: no checkpoint in {path} (expected {checkpoints}/<step>/state)")
+    return os.path.join(checkpoints, str(steps[-1]))
+
+
+def restore_params(path: str, abstract_params, *, field: str = "train.init_from"):
+    """Only the parameters of a checkpoint (a workdir's newest, or a step folder), laid out as
+    `abstract_params` says (shape, dtype, sharding). Optimizer state, step and data position are
+    left behind: this starts a new run from trained weights (SFT from a pretrained model, ...)."""
+    state_dir = os.path.join(latest_checkpoint_dir(path, field=field), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    if "params" not in saved:
+        raise ValueError(f"{field}: {state_dir} holds no 'params'")
+    _check_same_structure(saved["params"], abstract_params, state_dir, field)
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_params)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
+
+
+def _check_same_structure(saved, expected, state_dir: str, field: str) -> None:
+    """A checkpoint of another architecture fails with the first differing parameter named."""
+    saved_leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+    for key, leaf in jax.tree_util.tree_leaves_with_path(expected):
+        name = jax.tree_util.keystr(key)
+        if name not in saved_leaves:
+            raise ValueError(f"{field}: {state_dir} has no parameter {name}: another architecture?")
+        if tuple(saved_leaves[name].shape) != tuple(leaf.shape):
+            raise ValueError(f"{field}: parameter {name} has shape {tuple(saved_leaves[name].shape)} in "
+                             f"{state_dir} but the model expects {tuple(leaf.shape)}")

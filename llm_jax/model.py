@@ -214,13 +214,16 @@ def rotary_embedding(x_BxLxNxE, positions_BxL, theta: float):
     return rotated.astype(x_BxLxNxE.dtype)
 
 
-def attention_mask(mask_BxS, causal: bool, length: int):
-    """Boolean mask_Bx1xLxS of which keys each query may see (padding keys never)."""
+def attention_mask(mask_BxS, causal: bool, length: int, segment_ids_BxL=None):
+    """Boolean mask_Bx1xLxS of which keys each query may see: never padding keys, never the
+    future (decoder), and never another packed example (same segment id only)."""
     allowed_BxLxS = jnp.ones((1, length, length), dtype=bool)
     if causal:
         allowed_BxLxS = jnp.tril(allowed_BxLxS)
     if mask_BxS is not None:
         allowed_BxLxS = allowed_BxLxS & mask_BxS[:, None, :].astype(bool)
+    if segment_ids_BxL is not None:
+        allowed_BxLxS = allowed_BxLxS & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
     return allowed_BxLxS[:, None, :, :]
 
 
@@ -361,14 +364,16 @@ class Transformer(nn.Module):
     """tokens_BxL -> logits_BxLxV (next-token logits for a decoder, MLM logits for an encoder).
 
     `mask_BxL` marks real tokens (1) vs padding (0); padding keys are never attended to.
-    `return_hidden=True` returns the final hidden states instead (for scalar/reward heads).
+    `segment_ids_BxL` (with `positions_BxL` restarting at 0 per example) keeps packed examples
+    from attending to each other. `return_hidden=True` returns the final hidden states instead
+    (for scalar/reward heads).
     """
 
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens_BxL, *, mask_BxL=None, token_types_BxL=None, positions_BxL=None,
-                 deterministic: bool = True, return_hidden: bool = False):
+                 segment_ids_BxL=None, deterministic: bool = True, return_hidden: bool = False):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
@@ -394,7 +399,7 @@ class Transformer(nn.Module):
         x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD.astype(dtype), ("act_batch", "act_length", "act_embed"))
 
-        allowed_Bx1xLxS = attention_mask(mask_BxL, cfg.causal, L)
+        allowed_Bx1xLxS = attention_mask(mask_BxL, cfg.causal, L, segment_ids_BxL)
         block_cls = Block
         if cfg.remat != "none":
             # deterministic (argument 4, counting self) is a Python bool: static for remat.

@@ -166,3 +166,18 @@ def test_config_presets_and_overrides():
 def test_invalid_model_fields_are_named(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         make_cfg(**overrides)
+
+
+def test_packed_examples_do_not_see_each_other():
+    """Two examples packed in one row (segment ids, positions restarting) give the same logits
+    as each example alone."""
+    cfg = make_cfg("llama")
+    first, second = random_tokens((1, 6), seed=1), random_tokens((1, 10), seed=2)
+    params = init(cfg, first)
+    model = Transformer(cfg)
+    packed = jnp.concatenate([first, second], axis=1)
+    segment_ids = jnp.array([[1] * 6 + [2] * 10])
+    positions = jnp.array([list(range(6)) + list(range(10))])
+    logits = model.apply({"params": params}, packed, segment_ids_BxL=segment_ids, positions_BxL=positions)
+    np.testing.assert_allclose(logits[:, :6], model.apply({"params": params}, first), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 6:], model.apply({"params": params}, second), atol=1e-5)

@@ -33,6 +33,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 STDLIB = "stdlib"
 FILES = "files"
@@ -193,6 +194,17 @@ def _corpus_config(kind: str, root: str, paths: list[str], data_cfg) -> TextFile
 def _size_and_mtime(path: str) -> tuple[int, int]:
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns
+
+
+class _DropCustomConfigWarning:
+    """TFDS warns "Using custom data configuration" each time one of our builders is made: our
+    configs are custom by design (one per corpus fingerprint), so the warning says nothing."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+absl_logging.get_absl_logger().addFilter(_DropCustomConfigWarning())
 
 
 def _prepared_text_files(config: TextFilesConfig, data_dir: str) -> TextFiles:
