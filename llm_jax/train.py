@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 
 import jax
@@ -20,9 +19,9 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from llm_jax import checkpoint, config_lib, metrics, optimizer, sharding, steps
+from llm_jax import checkpoint, config_lib, metrics, optimizer, recipes, sharding, steps
 from llm_jax import model as model_lib
-from llm_jax.data import pipeline, tokenizer as tokenizer_lib
+from llm_jax.data import tokenizer as tokenizer_lib
 
 
 def maybe_initialize_distributed(dist_cfg) -> None:
@@ -103,31 +102,30 @@ def state_shardings_and_init(exp: Experiment, seed: int):
     return abstract, shardings, lambda: init(params_rng)
 
 
-def compile_steps(exp: Experiment, state_shardings):
-    cfg = exp.config
+def compile_steps(exp: Experiment, state_shardings, recipe: recipes.Recipe | None = None):
+    """The recipe's train and eval steps, jitted with explicit shardings: the state as
+    initialised, every batch array split over the data-parallel axes along its first dimension,
+    the extras (e.g. a frozen reference model) as the recipe says; the state is donated."""
+    recipe = recipe or recipes.build_recipe(exp)
     batch_sharding = sharding.batch_sharding(exp.mesh)
-    batch_shardings = {"tokens": batch_sharding, "mask": batch_sharding}
-    train_step = steps.make_train_step(exp.model, exp.tx, exp.schedule, task=cfg.task, token_info=exp.token_info,
-                                       z_loss_weight=cfg.optimizer.z_loss,
-                                       grad_accum_steps=cfg.optimizer.grad_accum_steps)
-    eval_step = steps.make_eval_step(exp.model, task=cfg.task, token_info=exp.token_info, seed=cfg.seed)
+    batch_shardings = {key: batch_sharding for key in recipe.batch_keys}
     replicated = sharding.replicated(exp.mesh)
-    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    train_step = jax.jit(recipe.train_step,
+                         in_shardings=(state_shardings, batch_shardings, *recipe.extras_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    eval_step = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+    eval_step = jax.jit(recipe.eval_step,
+                        in_shardings=(state_shardings.params, batch_shardings, *recipe.extras_shardings),
+                        out_shardings=replicated)
     return train_step, eval_step, batch_sharding
 
 
-def evaluate(eval_step, params, eval_batches) -> dict[str, float]:
+def evaluate(eval_step, params, eval_batches, extras=()) -> dict:
+    """Adds up the eval step's sums over the eval set (on device, fetched once)."""
     totals = None
     for batch in eval_batches:
-        sums = eval_step(params, batch)
+        sums = eval_step(params, batch, *extras)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    weight = max(float(totals["weight_sum"]), 1.0)
-    loss = float(totals["loss_sum"]) / weight
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-            "eval/accuracy": float(totals["correct_sum"]) / weight}
+    return jax.device_get(totals)
 
 
 def _check_finite(step: int, scalars: dict) -> None:
@@ -146,14 +144,12 @@ def run(config, workdir: str) -> dict[str, float]:
     config_lib.check_or_write_workdir_config(cfg, workdir, write=is_primary)
 
     abstract_state, state_shardings, init_state = state_shardings_and_init(exp, cfg.seed)
-    train_step, eval_step, batch_sharding = compile_steps(exp, state_shardings)
+    recipe = recipes.build_recipe(exp)
+    train_step, eval_step, batch_sharding = compile_steps(exp, state_shardings, recipe)
     process_index, process_count = jax.process_index(), jax.process_count()
-    train_iter = pipeline.make_train_iterator(cfg.data, exp.tokenizer, global_batch_size=cfg.data.batch_size,
-                                              seed=cfg.seed, process_index=process_index,
-                                              process_count=process_count)
-    eval_batches = [sharding.shard_host_batch(b, batch_sharding) for b in pipeline.make_eval_batches(
-        cfg.data, exp.tokenizer, global_batch_size=cfg.data.batch_size, num_batches=cfg.train.eval_batches,
-        process_index=process_index, process_count=process_count)]
+    train_iter = recipe.make_train_iterator(process_index, process_count)
+    eval_batches = [sharding.shard_host_batch(b, batch_sharding)
+                    for b in recipe.make_eval_batches(process_index, process_count)]
 
     manager = checkpoint.make_manager(workdir, keep=cfg.train.keep_checkpoints)
     latest = manager.latest_step()
@@ -178,9 +174,9 @@ def run(config, workdir: str) -> dict[str, float]:
               f"TensorBoard {workdir}/tensorboard" + (f"; resuming at step {start_step}" if start_step else ""))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else None)
-    if is_primary and latest is None and cfg.task == "lm":
+    if is_primary and latest is None and recipe.unigram_baseline is not None:
         # The loss of a model that knows only token frequencies: a trained LM must beat it by far.
-        baseline = pipeline.unigram_baseline(cfg.data, exp.tokenizer)
+        baseline = recipe.unigram_baseline()
         writer.write(0, {"eval/unigram_baseline": baseline})
         print(f"unigram baseline on the held-out split: {baseline:.4f} nats/token")
     progress = metrics.Progress(cfg.train.num_steps, start_step=start_step, enabled=is_primary and cfg.train.progress)
@@ -207,7 +203,7 @@ def run(config, workdir: str) -> dict[str, float]:
     with sharding.mesh_context(exp.mesh):
         for step in range(start_step + 1, cfg.train.num_steps + 1):
             batch = sharding.shard_host_batch(next(train_iter), batch_sharding)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = train_step(state, batch, *recipe.extras)
             if pending is not None:  # read the previous step's metrics while this one runs
                 log(*pending)
                 pending = None
@@ -220,7 +216,7 @@ def run(config, workdir: str) -> dict[str, float]:
                 if pending is not None:
                     log(*pending)
                     pending = None
-                eval_metrics = evaluate(eval_step, state.params, eval_batches)
+                eval_metrics = recipe.summarize_eval(evaluate(eval_step, state.params, eval_batches, recipe.extras))
                 writer.write(step, eval_metrics)
                 last.update(eval_metrics)
                 if is_primary:
