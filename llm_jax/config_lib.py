@@ -15,13 +15,13 @@ from ml_collections import config_dict
 
 from llm_jax import model as model_lib
 
-TASKS = ("lm", "mlm")
+TASKS = ("lm", "mlm", "sft", "reward", "dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "lm"  # train step: 'lm' (causal next-token) | 'mlm' (masked LM, encoder)
+    c.task = "lm"  # 'lm' (causal next-token) | 'mlm' (masked LM, encoder) | 'sft' | 'reward' | 'dpo'
 
     c.model = m = ml_collections.ConfigDict()
     m.kind = "decoder"  # 'decoder' (GPT) | 'encoder' (BERT)
@@ -64,7 +64,18 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer = "byte"  # 'byte' | 'sentencepiece'
     d.tokenizer_path = ""
     d.seq_len = 256
-    d.batch_size = 16  # global batch, over all processes and devices
+    d.batch_size = 16  # global batch (sequences; pairs for dpo; prompts for reward), all processes
+    # Post-training data (sft, reward, dpo): JSONL files in TRL's formats, or, when train_file is
+    # empty, the embedded verifiable tasks (data/tasks.py) with a simulated annotator.
+    d.train_file = ""
+    d.eval_file = ""
+    d.tasks = "add,sort,reverse,count"
+    d.num_examples = 20_000  # generated training examples (prompts) when train_file is empty
+    d.num_eval_examples = 256
+    d.annotator_noise = 0.5  # Gumbel noise scale of the simulated rater (0 = ranks by gold reward)
+    d.truncation = "keep_end"  # 'keep_end' | 'keep_start' | 'drop', for examples over seq_len
+    d.pack = False  # sft: several examples per row (no attention across them)
+    d.max_responses = 4  # reward: K, the most answers ranked per prompt
     d.shuffle = True
     d.prefetch = 2
 
@@ -91,8 +102,21 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 8  # 0 = the whole held-out split
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
+    t.init_from = ""  # a workdir (its newest checkpoint) or step folder to take parameters from
     t.peak_flops_per_device = 0.0  # 0 -> look up the device kind, or measure on CPU
     t.progress = True  # live progress line on the terminal
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.margin = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"  # 'sigmoid' (DPO) | 'ipo'
+    c.dpo.label_smoothing = 0.0  # conservative DPO
+    c.dpo.reference = "cached"  # 'cached' (log-probs computed once) | 'online' (frozen model run each step)
+    c.dpo.reference_from = ""  # '' -> train.init_from (the SFT model)
+    c.dpo.reference_free = False
+    c.dpo.pairs = "best_worst"  # from rankings: 'best_worst' | 'all' ordered pairs
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 -> all remaining devices
@@ -150,8 +174,20 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
     if config.task == "mlm" and config.model.kind != "encoder":
         raise ValueError("task='mlm' needs model.kind='encoder'")
-    if config.task == "lm" and config.model.kind != "decoder":
-        raise ValueError("task='lm' needs model.kind='decoder' (an encoder sees the future)")
+    if config.task != "mlm" and config.model.kind != "decoder":
+        raise ValueError(f"task={config.task!r} needs model.kind='decoder' (an encoder sees the future)")
+    if config.task in ("sft", "reward", "dpo") and config.data.truncation not in ("keep_end", "keep_start", "drop"):
+        raise ValueError(f"data.truncation must be 'keep_end', 'keep_start' or 'drop', got {config.data.truncation!r}")
+    if config.task == "dpo":
+        if config.dpo.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {config.dpo.beta}")
+        if config.dpo.reference not in ("cached", "online"):
+            raise ValueError(f"dpo.reference must be 'cached' or 'online', got {config.dpo.reference!r}")
+        if config.dpo.pairs not in ("best_worst", "all"):
+            raise ValueError(f"dpo.pairs must be 'best_worst' or 'all', got {config.dpo.pairs!r}")
+        if not (config.dpo.reference_free or config.dpo.reference_from or config.train.init_from):
+            raise ValueError("dpo.reference_from (or train.init_from) must name the reference model's "
+                             "workdir, unless dpo.reference_free=True")
     d, t, o = config.data, config.train, config.optimizer
     for field, value in [("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                          ("train.num_steps", t.num_steps), ("train.log_every", t.log_every),

@@ -109,12 +109,13 @@ def compile_steps(exp: Experiment, state_shardings, recipe: recipes.Recipe | Non
     recipe = recipe or recipes.build_recipe(exp)
     batch_sharding = sharding.batch_sharding(exp.mesh)
     batch_shardings = {key: batch_sharding for key in recipe.batch_keys}
+    eval_batch_shardings = {key: batch_sharding for key in recipe.eval_batch_keys or recipe.batch_keys}
     replicated = sharding.replicated(exp.mesh)
     train_step = jax.jit(recipe.train_step,
                          in_shardings=(state_shardings, batch_shardings, *recipe.extras_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     eval_step = jax.jit(recipe.eval_step,
-                        in_shardings=(state_shardings.params, batch_shardings, *recipe.extras_shardings),
+                        in_shardings=(state_shardings.params, eval_batch_shardings, *recipe.extras_shardings),
                         out_shardings=replicated)
     return train_step, eval_step, batch_sharding
 
@@ -126,6 +127,18 @@ def evaluate(eval_step, params, eval_batches, extras=()) -> dict:
         sums = eval_step(params, batch, *extras)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return jax.device_get(totals)
+
+
+# Heads a run may add on top of the checkpoint it starts from; they keep their fresh init.
+NEW_HEADS = ("reward_head",)
+
+
+def params_from(path: str, init_params, abstract_params):
+    """`train.init_from`: every parameter from the checkpoint, except heads this model adds (a
+    reward model started from an SFT model gets a fresh scalar head)."""
+    names = [name for name in abstract_params if name not in NEW_HEADS]
+    restored = checkpoint.restore_params(path, {name: abstract_params[name] for name in names})
+    return {**init_params, **restored}
 
 
 def _check_finite(step: int, scalars: dict) -> None:
@@ -144,7 +157,7 @@ def run(config, workdir: str) -> dict[str, float]:
     config_lib.check_or_write_workdir_config(cfg, workdir, write=is_primary)
 
     abstract_state, state_shardings, init_state = state_shardings_and_init(exp, cfg.seed)
-    recipe = recipes.build_recipe(exp)
+    recipe = recipes.build_recipe(exp, abstract_state)
     train_step, eval_step, batch_sharding = compile_steps(exp, state_shardings, recipe)
     process_index, process_count = jax.process_index(), jax.process_count()
     train_iter = recipe.make_train_iterator(process_index, process_count)
@@ -159,6 +172,8 @@ def run(config, workdir: str) -> dict[str, float]:
             logging.info("resumed from %s at step %d", workdir, latest)
         else:
             state = init_state()
+            if cfg.train.init_from:
+                state = state.replace(params=params_from(cfg.train.init_from, state.params, abstract_state.params))
     start_step = int(jax.device_get(state.step))
 
     counts = model_lib.parameter_counts(state.params)
@@ -174,11 +189,11 @@ def run(config, workdir: str) -> dict[str, float]:
               f"TensorBoard {workdir}/tensorboard" + (f"; resuming at step {start_step}" if start_step else ""))
 
     writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else None)
-    if is_primary and latest is None and recipe.unigram_baseline is not None:
-        # The loss of a model that knows only token frequencies: a trained LM must beat it by far.
-        baseline = recipe.unigram_baseline()
-        writer.write(0, {"eval/unigram_baseline": baseline})
-        print(f"unigram baseline on the held-out split: {baseline:.4f} nats/token")
+    if is_primary and latest is None:
+        initial = recipe.initial_metrics()
+        if initial:
+            writer.write(0, initial)
+            print("data: " + ", ".join(f"{k} = {v:.4g}" for k, v in initial.items()))
     progress = metrics.Progress(cfg.train.num_steps, start_step=start_step, enabled=is_primary and cfg.train.progress)
     last: dict[str, float] = {}
     pending = None  # (step, device metrics) dispatched but not read yet
@@ -220,8 +235,8 @@ def run(config, workdir: str) -> dict[str, float]:
                 writer.write(step, eval_metrics)
                 last.update(eval_metrics)
                 if is_primary:
-                    progress.write(f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, "
-                                   f"perplexity {eval_metrics['eval/perplexity']:.2f}")
+                    progress.write(f"step {step}: " + ", ".join(
+                        f"{key.removeprefix('eval/')} {value:.4f}" for key, value in eval_metrics.items()))
                 timer = (step, time.perf_counter())  # throughput counts training time only
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
                 if pending is not None:  # never checkpoint a state whose loss was not checked

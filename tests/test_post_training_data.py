@@ -273,3 +273,24 @@ def test_rankings_to_preferences_pair_counts():
     assert len(pt.rankings_to_preferences([duplicates])) == 2  # "a" over "a" says nothing
     with pytest.raises(ValueError, match="pairs='some'"):
         pt.rankings_to_preferences([four], pairs="some")
+
+
+def test_reference_logps_travel_with_their_pairs():
+    """DPO's cached reference log-probs are attached per pair and follow the shuffle."""
+    from llm_jax.data.jsonl import PreferenceExample
+    from llm_jax.data.post_training import preference_batches, preference_eval_batches
+    from llm_jax.data.tokenizer import ByteTokenizer
+
+    examples = [PreferenceExample(f"q{i}:", f"good {i}", f"bad {i}") for i in range(5)]
+    table = np.array([[-float(i), -10.0 - i] for i in range(5)], np.float32)
+    tokenizer = ByteTokenizer()
+    iterator, _ = preference_batches(examples, tokenizer, seq_len=16, batch_size=2, seed=3, reference_logps=table)
+    for _ in range(3):
+        batch = next(iterator)
+        for row in range(2):
+            text = tokenizer.decode(batch["tokens"][row, 0])
+            i = int(text.split(":")[0][1:])
+            np.testing.assert_array_equal(batch["reference_logps"][row], table[i])
+    eval_batches, _ = preference_eval_batches(examples, tokenizer, seq_len=16, batch_size=4, reference_logps=table)
+    np.testing.assert_array_equal(eval_batches[0]["reference_logps"], table[:4])
+    np.testing.assert_array_equal(eval_batches[1]["reference_logps"][1:], 0.0)  # padding pairs

@@ -56,6 +56,8 @@ class _Group:
     sequences: list[np.ndarray]
     prompt_len: int
     ranks: list[int]
+    # Per-sequence log-probs under DPO's frozen reference model, computed once before training.
+    reference_logps: np.ndarray | None = None
 
 
 class _Stream(Protocol):
@@ -267,24 +269,33 @@ def _group_batch(groups: list[_Group], stream: _Stream, num_groups: int, group_s
     """[num_groups, group_size, seq_len] rows of each prompt's responses, with ranks and valid [P, K]."""
     rows = []
     ranks, valid = np.zeros((num_groups, group_size), np.int32), np.zeros((num_groups, group_size), np.int32)
+    reference_logps = np.zeros((num_groups, group_size), np.float32)
     while len(rows) < num_groups * group_size and stream.peek() is not None:
         group = groups[stream.pop()]
         p, k = len(rows) // group_size, len(group.sequences)
         rows += [_row(sequence, group.prompt_len, seq_len, pad_id) for sequence in group.sequences]
         rows += [_padding_row(seq_len, pad_id)] * (group_size - k)
         ranks[p, :k], valid[p, :k] = group.ranks, 1
+        if group.reference_logps is not None:
+            reference_logps[p, :k] = group.reference_logps
     if not rows:
         return None
     rows += [_padding_row(seq_len, pad_id)] * (num_groups * group_size - len(rows))
     batch = {key: value.reshape(num_groups, group_size, seq_len) for key, value in _stack(rows).items()}
-    return {**batch, "ranks": ranks, "valid": valid}
+    batch = {**batch, "ranks": ranks, "valid": valid}
+    if groups[0].reference_logps is not None:
+        batch["reference_logps"] = reference_logps
+    return batch
 
 
 def _as_preference_batch(batch: Batch | None) -> Batch | None:
     if batch is None:
         return None
-    return {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
-            "valid": batch["valid"][:, 0]}
+    pairs = {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
+             "valid": batch["valid"][:, 0]}
+    if "reference_logps" in batch:
+        pairs["reference_logps"] = batch["reference_logps"]
+    return pairs
 
 
 # Train iterators and eval batches.
@@ -356,20 +367,36 @@ def _preference_batch_maker(seq_len: int, pad_id: int) -> Callable[..., Batch | 
         _group_batch(groups, stream, num_pairs, 2, seq_len, pad_id))
 
 
+def _with_reference_logps(groups: list[_Group], reference_logps: np.ndarray | None) -> list[_Group]:
+    """Attaches a [num_kept_pairs, 2] table (in the order of the kept, encoded pairs: the order
+    of preference_eval_batches' valid rows) to the pairs."""
+    if reference_logps is None:
+        return groups
+    if len(reference_logps) != len(groups):
+        raise ValueError(f"reference_logps has {len(reference_logps)} rows for {len(groups)} encoded pairs")
+    return [dataclasses.replace(group, reference_logps=np.asarray(row, np.float32))
+            for group, row in zip(groups, reference_logps)]
+
+
 def preference_batches(examples: Sequence[PreferenceExample], tokenizer: Tokenizer, *, seq_len: int,
                        batch_size: int, seed: int, truncation: str = "keep_end", process_index: int = 0,
-                       process_count: int = 1) -> tuple[BatchIterator, TruncationStats]:
+                       process_count: int = 1,
+                       reference_logps: np.ndarray | None = None) -> tuple[BatchIterator, TruncationStats]:
     """Endless pair batches: 'tokens', 'mask', 'loss_mask' int32[B, 2, L] (index 0 chosen, 1 rejected,
-    both after the same prompt tokens) and 'valid' int32[B] (0 only for the eval padding pairs)."""
+    both after the same prompt tokens) and 'valid' int32[B] (0 only for the eval padding pairs);
+    with `reference_logps` also 'reference_logps' float32[B, 2]."""
     groups, stats = _encode_all(_preference_groups(examples), tokenizer, seq_len, truncation)
+    groups = _with_reference_logps(groups, reference_logps)
     return _train_iterator(groups, _preference_batch_maker(seq_len, tokenizer.pad_id), batch_size, seed,
                            process_index, process_count), stats
 
 
 def preference_eval_batches(examples: Sequence[PreferenceExample], tokenizer: Tokenizer, *, seq_len: int,
                             batch_size: int, truncation: str = "keep_end", process_index: int = 0,
-                            process_count: int = 1) -> tuple[list[Batch], TruncationStats]:
+                            process_count: int = 1,
+                            reference_logps: np.ndarray | None = None) -> tuple[list[Batch], TruncationStats]:
     groups, stats = _encode_all(_preference_groups(examples), tokenizer, seq_len, truncation)
+    groups = _with_reference_logps(groups, reference_logps)
     return _eval_batches(groups, _preference_batch_maker(seq_len, tokenizer.pad_id), batch_size,
                          process_index, process_count), stats
 
