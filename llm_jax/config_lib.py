@@ -15,13 +15,14 @@ from ml_collections import config_dict
 
 from llm_jax import model as model_lib
 
-TASKS = ("lm", "mlm", "sft", "reward", "dpo")
+TASKS = ("lm", "mlm", "sft", "reward", "dpo", "online_dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "lm"  # 'lm' (causal next-token) | 'mlm' (masked LM, encoder) | 'sft' | 'reward' | 'dpo'
+    # 'lm' (causal next-token) | 'mlm' (masked LM, encoder) | 'sft' | 'reward' | 'dpo' | 'online_dpo'
+    c.task = "lm"
 
     c.model = m = ml_collections.ConfigDict()
     m.kind = "decoder"  # 'decoder' (GPT) | 'encoder' (BERT)
@@ -118,6 +119,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.reference_free = False
     c.dpo.pairs = "best_worst"  # from rankings: 'best_worst' | 'all' ordered pairs
 
+    c.online_dpo = od = ml_collections.ConfigDict()
+    od.steps_per_iteration = 8  # DPO steps on each iteration's fresh pairs; train.num_steps counts them all
+    od.prompts_per_iteration = 32
+    od.samples_per_prompt = 4  # K answers sampled per prompt
+    od.max_new_tokens = 24
+    od.temperature = 1.0
+    od.pairs = "best_worst"  # 'best_worst' | 'all' pairs whose scores differ
+    od.scorer = "reward_model"  # 'reward_model' | 'gold' (the oracle itself)
+    od.reward_model_from = ""  # the reward model's workdir
+    od.reference_update_every = 0  # iterations; 0 keeps the SFT reference throughout
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 -> all remaining devices
     c.mesh.fsdp = 1
@@ -178,7 +190,9 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         raise ValueError(f"task={config.task!r} needs model.kind='decoder' (an encoder sees the future)")
     if config.task in ("sft", "reward", "dpo") and config.data.truncation not in ("keep_end", "keep_start", "drop"):
         raise ValueError(f"data.truncation must be 'keep_end', 'keep_start' or 'drop', got {config.data.truncation!r}")
-    if config.task == "dpo":
+    if config.task == "online_dpo" and config.online_dpo.pairs not in ("best_worst", "all"):
+        raise ValueError(f"online_dpo.pairs must be 'best_worst' or 'all', got {config.online_dpo.pairs!r}")
+    if config.task in ("dpo", "online_dpo"):
         if config.dpo.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {config.dpo.beta}")
         if config.dpo.reference not in ("cached", "online"):

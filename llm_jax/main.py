@@ -6,7 +6,7 @@ any field can be overridden with `--config.optimizer.learning_rate=1e-3`.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import train
+from llm_jax import online_dpo, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<job>.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go; a run resumes from it.")
@@ -19,7 +19,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every checkpoint step at INFO; the loop prints what a user needs. -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    train.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    # Online DPO alternates sampling and training, so it has a loop of its own; every other task
+    # runs through the one training loop.
+    runner = online_dpo.run if config.task == "online_dpo" else train.run
+    runner(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -220,14 +220,19 @@ def reference_params(config, abstract_params):
     return checkpoint.restore_params(path, abstract_params, field=field)
 
 
-def cache_reference_logps(model, params, examples, tokenizer, *, config, mesh, param_shardings) -> np.ndarray:
+def jit_reference_logps(model, mesh, param_shardings):
+    """(params, batch) -> log-probs [B, 2] of each pair's responses, jitted once per model."""
+    return jax.jit(steps.make_reference_logps_fn(model),
+                   in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def cache_reference_logps(logps_fn, params, examples, tokenizer, *, config, mesh) -> np.ndarray:
     """Log-probs [num_pairs, 2] of every (encoded) pair under the reference, computed once."""
     batches, _ = post_training.preference_eval_batches(
         examples, tokenizer, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
         truncation=config.data.truncation, process_index=jax.process_index(), process_count=jax.process_count())
     batch_sharding = sharding.batch_sharding(mesh)
-    logps_fn = jax.jit(steps.make_reference_logps_fn(model), in_shardings=(param_shardings, batch_sharding),
-                       out_shardings=sharding.replicated(mesh))
     logps, valid = [], []
     with sharding.mesh_context(mesh):
         for batch in batches:
@@ -249,9 +254,10 @@ def dpo_recipe(exp, abstract_state) -> Recipe:
     reference = None if settings.reference_free else reference_params(cfg, abstract_state.params)
     tables = {"train": None, "eval": None}
     if settings.cached_reference and reference is not None:
+        logps_fn = jit_reference_logps(exp.model, exp.mesh, param_shardings)
         for split, examples in (("train", train_examples), ("eval", eval_examples)):
-            tables[split] = cache_reference_logps(exp.model, reference, examples, exp.tokenizer, config=cfg,
-                                                  mesh=exp.mesh, param_shardings=param_shardings)
+            tables[split] = cache_reference_logps(logps_fn, reference, examples, exp.tokenizer, config=cfg,
+                                                  mesh=exp.mesh)
         reference = None  # not needed any more: free its memory
     stats = {}
     common = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, truncation=cfg.data.truncation)
