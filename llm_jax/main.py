@@ -6,7 +6,7 @@ any field can be overridden with `--config.optimizer.learning_rate=1e-3`.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import online_dpo, train
+from llm_jax import online_dpo, stages, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<job>.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go; a run resumes from it.")
@@ -20,9 +20,10 @@ def main(argv):
         # Orbax logs every checkpoint step at INFO; the loop prints what a user needs. -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    # Online DPO alternates sampling and training, so it has a loop of its own; every other task
-    # runs through the one training loop.
-    runner = online_dpo.run if config.task == "online_dpo" else train.run
+    # Online DPO alternates sampling and training, and the pipeline chains runs of every stage, so
+    # each has a driver of its own; every other task runs through the one training loop.
+    runners = {"online_dpo": online_dpo.run, "pipeline": stages.run}
+    runner = runners.get(config.task, train.run)
     runner(config, _WORKDIR.value)
 
 
