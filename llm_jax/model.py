@@ -59,6 +59,7 @@ _CHOICES = {
     "remat": ("none", "full", "dots"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
+    "head": ("lm", "scalar"),
 }
 
 
@@ -86,6 +87,7 @@ class TransformerConfig:
     embed_norm: bool = False
     type_vocab_size: int = 0
     mlm_head_transform: bool = False
+    head: str = "lm"  # 'lm': logits over the vocabulary; 'scalar': one reward per sequence
     dropout: float = 0.0
     attention_impl: str = "einsum"
     remat: str = "none"
@@ -109,7 +111,7 @@ class TransformerConfig:
         return self.kind == "decoder"
 
     @classmethod
-    def from_config(cls, model_cfg, vocab_size: int, seq_len: int) -> "TransformerConfig":
+    def from_config(cls, model_cfg, vocab_size: int, seq_len: int, head: str = "lm") -> "TransformerConfig":
         """Resolves a `config.model` ConfigDict: size and style presets fill unset fields.
 
         `vocab_size` is the tokenizer's; it is padded up to `model.vocab_multiple` so the
@@ -164,6 +166,7 @@ class TransformerConfig:
             remat=model_cfg.remat,
             dtype=model_cfg.dtype,
             param_dtype=model_cfg.param_dtype,
+            head=head,
         )
 
 
@@ -454,6 +457,8 @@ class Transformer(nn.Module):
             x_BxLxD = Norm(cfg, name="final_norm")(x_BxLxD)
         if return_hidden:
             return x_BxLxD
+        if cfg.head == "scalar":
+            return self._scalar_head(x_BxLxD, mask_BxL)
         if cfg.kind == "encoder" and cfg.mlm_head_transform:
             # BERT's MLM transform: dense -> GELU -> norm before the (tied) vocabulary projection.
             x_BxLxD = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="mlm_transform",
@@ -471,6 +476,17 @@ class Transformer(nn.Module):
                                     kernel_init=_partitioned(_dense_init(0.02), ("embed", "vocab")),
                                     bias_init=_partitioned(nn.initializers.zeros, ("vocab",)))(x_BxLxD)
         return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_length", "act_vocab"))
+
+    def _scalar_head(self, x_BxLxD, mask_BxL):
+        """A reward per sequence, read at its last real token (sequences are right-padded): the
+        only position that has seen the whole prompt and response under causal attention."""
+        B, L, _ = x_BxLxD.shape
+        last_B = (jnp.full((B,), L) if mask_BxL is None else jnp.sum(mask_BxL, axis=1)) - 1
+        x_BxD = jnp.take_along_axis(x_BxLxD, jnp.maximum(last_B, 0)[:, None, None], axis=1)[:, 0]
+        reward_Bx1 = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.dtype(self.cfg.param_dtype), name="reward_head",
+                              kernel_init=_partitioned(nn.initializers.zeros, ("embed", None)),
+                              bias_init=_partitioned(nn.initializers.zeros, (None,)))(x_BxD.astype(jnp.float32))
+        return reward_Bx1[:, 0]
 
     def _advance_cache(self, mask_BxL, positions_BxL, B: int, L: int):
         """Decoding bookkeeping shared by all layers: the slot the L new tokens start at, which

@@ -57,7 +57,10 @@ def build_experiment(config, *, devices=None) -> Experiment:
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
     tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
-    model_cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len)
+    # A reward model is the same transformer with a scalar head instead of the vocabulary.
+    head = "scalar" if config.task == "reward" else "lm"
+    model_cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len,
+                                                        head=head)
     mesh = sharding.make_mesh(config.mesh, devices)
     if model_cfg.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"model.vocab_multiple ({config.model.vocab_multiple}) must make the vocabulary "
