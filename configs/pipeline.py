@@ -42,9 +42,11 @@ def get_config(arg: str | None = None):
     p.samples_per_prompt = 4
     p.max_new_tokens = 24
     p.sampling_batch_size = 256
-    p.reward_steps = 200
+    p.reward_steps = 150
+    p.reward_batch_size = 8  # prompts per step, each with samples_per_prompt ranked answers
     p.reward_learning_rate = 3e-4
-    p.dpo_steps = 200
+    p.dpo_steps = 150
+    p.dpo_batch_size = 16  # pairs per step
     p.dpo_learning_rate = 1e-4
     p.online_iterations = 10
     return config_lib.apply_presets(config, arg, {"size": config_lib.set_size})

@@ -13,6 +13,18 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+
+class _DropItemMetadataWarning:
+    """Reading one item's tree metadata (restore_params) makes Orbax warn that the step-level
+    metadata file is not inside the item folder: true, expected, and noise."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+absl_logging.get_absl_logger().addFilter(_DropItemMetadataWarning())
 
 
 class _IteratorForGrainHandler:

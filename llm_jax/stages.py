@@ -46,9 +46,13 @@ def _stage_config(config, task: str, steps: int, learning_rate: float, **fields)
     return stage
 
 
-def _finished(workdir: str, steps: int) -> bool:
-    path = os.path.join(workdir, "checkpoints", str(steps))
-    return os.path.isdir(path)
+def _run_stages(plan, dirs: dict[str, str], runner=None) -> None:
+    """Runs each (stage, config) unless its final checkpoint exists; an interrupted stage resumes."""
+    for stage, stage_config in plan:
+        if os.path.isdir(os.path.join(dirs[stage], "checkpoints", str(stage_config.train.num_steps))):
+            continue
+        print(f"== {stage} ==", flush=True)
+        (runner or train.run)(stage_config, dirs[stage])
 
 
 def annotate(config, workdir: str, sft_dir: str) -> tuple[str, str]:
@@ -138,29 +142,24 @@ def run(config, workdir: str) -> list[dict]:
         ("sft", _stage_config(config, "sft", p.sft_steps, p.sft_learning_rate,
                               **{"train.init_from": dirs["pretrain"]})),
     ]
-    for stage, stage_config in plan:
-        if not _finished(dirs[stage], stage_config.train.num_steps):
-            print(f"== {stage} ==", flush=True)
-            train.run(stage_config, dirs[stage])
+    _run_stages(plan, dirs)
     train_file, eval_file = annotate(config, dirs["annotate"], dirs["sft"])
     preference_data = {"data.train_file": train_file, "data.eval_file": eval_file,
                        "data.max_responses": p.samples_per_prompt}
     plan = [
         ("reward", _stage_config(config, "reward", p.reward_steps, p.reward_learning_rate,
-                                 **{"train.init_from": dirs["sft"], **preference_data})),
+                                 **{"train.init_from": dirs["sft"], "data.batch_size": p.reward_batch_size,
+                                    **preference_data})),
         ("dpo", _stage_config(config, "dpo", p.dpo_steps, p.dpo_learning_rate,
-                              **{"train.init_from": dirs["sft"], **preference_data})),
+                              **{"train.init_from": dirs["sft"], "data.batch_size": p.dpo_batch_size,
+                                 **preference_data})),
     ]
-    for stage, stage_config in plan:
-        if not _finished(dirs[stage], stage_config.train.num_steps):
-            print(f"== {stage} ==", flush=True)
-            train.run(stage_config, dirs[stage])
+    _run_stages(plan, dirs)
     online_config = _stage_config(config, "online_dpo", p.online_iterations * config.online_dpo.steps_per_iteration,
                                   p.dpo_learning_rate, **{"train.init_from": dirs["sft"],
+                                                          "data.batch_size": p.dpo_batch_size,
                                                           "online_dpo.reward_model_from": dirs["reward"]})
-    if not _finished(dirs["online_dpo"], online_config.train.num_steps):
-        print("== online_dpo ==", flush=True)
-        online_dpo.run(online_config, dirs["online_dpo"])
+    _run_stages([("online_dpo", online_config)], dirs, runner=online_dpo.run)
 
     rows = evaluate_policies(config, workdir, dirs, dirs["reward"])
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -53,3 +53,18 @@ def text_corpus(tmp_path):
     for i, path in enumerate(sorted(root.glob("*.py"))):
         shutil.copy(path, corpus / f"{i:02d}_{path.name}.txt")
     return str(corpus / "*.txt")
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(batches_a, batches_b):
+    """Two lists of host batches are identical, key by key."""
+    import numpy as np
+
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from llm_jax.data import corpora, pipeline
 from llm_jax.data.tokenizer import ByteTokenizer
+from conftest import assert_same_batches, take
 
 TOKENIZER = ByteTokenizer()
 
@@ -47,16 +48,6 @@ def letter_documents(num_documents, length=lambda i: 20 + 7 * i):
     return [chr(ord("A") + i) * length(i) for i in range(num_documents)]
 
 
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
 
 
 # --- corpora -------------------------------------------------------------------------------

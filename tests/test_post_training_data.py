@@ -9,6 +9,7 @@ from llm_jax.data import post_training as pt
 from llm_jax.data import tasks
 from llm_jax.data.jsonl import PreferenceExample, RankingExample, SFTExample
 from llm_jax.data.tokenizer import ByteTokenizer, get_tokenizer, train_sentencepiece
+from conftest import assert_same_batches, take
 
 TOKENIZER = ByteTokenizer()
 EOS = TOKENIZER.eos_id
@@ -25,16 +26,6 @@ def split_row(tokens, mask, loss_mask, tokenizer=TOKENIZER):
     return tokenizer.decode(prompt_ids), tokens[loss_mask == 1].tolist()
 
 
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")
