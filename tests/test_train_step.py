@@ -95,3 +95,18 @@ def test_golden_one_step(tiny_config):
     message = f"golden values changed: losses={losses!r}, param abs sum={param_sum!r} (see comment above)"
     np.testing.assert_allclose(losses, GOLDEN_LOSSES, rtol=1e-5, err_msg=message)
     np.testing.assert_allclose(param_sum, GOLDEN_PARAM_SUM, rtol=1e-5, err_msg=message)
+
+
+def test_sft_prompt_tokens_carry_no_gradient():
+    """Only logits that predict response tokens (and EOS) get gradient; prompt predictions none."""
+    from llm_jax import objectives, steps
+
+    tokens = jnp.array([[10, 11, 12, 13, 20, 21, 1, 0]])
+    batch = {"tokens": tokens, "mask": jnp.array([[1] * 7 + [0]]),
+             "loss_mask": jnp.array([[0, 0, 0, 0, 1, 1, 1, 0]])}  # response 20 21, then EOS
+    inputs, targets, weights = steps.sft_task(batch, None, None)
+    np.testing.assert_array_equal(weights, [[0, 0, 0, 1, 1, 1, 0, 0]])  # logits at t predict t + 1
+    logits = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 32))
+    grads = jax.grad(lambda l: objectives.cross_entropy_sums(l, targets, weights)["loss_sum"])(logits)
+    row_norms = np.abs(np.asarray(grads)).sum(-1)[0]
+    assert np.all(row_norms[[0, 1, 2, 6, 7]] == 0) and np.all(row_norms[[3, 4, 5]] > 0)
