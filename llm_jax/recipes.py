@@ -28,6 +28,9 @@ class Recipe:
     make_eval_batches: Callable[[int, int], list]  # (process_index, process_count) -> host batches
     batch_keys: tuple[str, ...] = ("tokens", "mask")
     eval_batch_keys: tuple[str, ...] | None = None  # None -> batch_keys
+    # Sequences the model processes per batch example (2 per DPO pair, K per ranking), for
+    # tokens/s and MFU.
+    sequences_per_example: int = 1
     extras: tuple = ()
     extras_shardings: tuple = ()
     # Figures about the data logged once at step 0 of a fresh run (unigram baseline, truncation).
@@ -203,7 +206,7 @@ def reward_recipe(exp, abstract_state) -> Recipe:
         steps.make_reward_train_step(exp.model, exp.tx, exp.schedule, margin=cfg.reward.margin),
         steps.make_reward_eval_step(exp.model, margin=cfg.reward.margin),
         steps.summarize_reward_sums, make_train_iterator, make_eval_batches,
-        batch_keys=("tokens", "mask", "loss_mask", "ranks", "valid"),
+        batch_keys=("tokens", "mask", "loss_mask", "ranks", "valid"), sequences_per_example=cfg.data.max_responses,
         initial_metrics=lambda: _truncation_metrics(stats["train"]))
 
 
@@ -280,7 +283,7 @@ def dpo_recipe(exp, abstract_state) -> Recipe:
         steps.make_dpo_train_step(exp.model, exp.tx, exp.schedule, settings),
         steps.make_dpo_eval_step(exp.model, settings),
         lambda sums: steps.summarize_preference_sums(sums, "eval"), make_train_iterator, make_eval_batches,
-        batch_keys=keys, extras=extras, extras_shardings=(param_shardings,) if extras else (),
+        batch_keys=keys, extras=extras, extras_shardings=(param_shardings,) if extras else (), sequences_per_example=2,
         initial_metrics=lambda: _truncation_metrics(stats["train"]))
 
 

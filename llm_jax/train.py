@@ -151,6 +151,20 @@ def _check_finite(step: int, scalars: dict) -> None:
                                  f"{step}; the last good checkpoint is kept")
 
 
+def restore_or_init(cfg, exp: Experiment, manager, abstract_state, init_state, data_iterator):
+    """The workdir's newest checkpoint (state and data position) if there is one; otherwise a
+    fresh sharded init, with the parameters of `train.init_from` when it is set."""
+    latest = manager.latest_step()
+    with sharding.mesh_context(exp.mesh):
+        if latest is not None:
+            logging.info("resuming at step %d", latest)
+            return checkpoint.restore(manager, latest, abstract_state, data_iterator)
+        state = init_state()
+        if cfg.train.init_from:
+            state = state.replace(params=params_from(cfg.train.init_from, state.params, abstract_state.params))
+        return state
+
+
 def run(config, workdir: str) -> dict[str, float]:
     """Trains until `train.num_steps`, resuming from `workdir` if it holds checkpoints.
     Returns the last logged train and eval metrics."""
@@ -169,21 +183,14 @@ def run(config, workdir: str) -> dict[str, float]:
 
     manager = checkpoint.make_manager(workdir, keep=cfg.train.keep_checkpoints)
     latest = manager.latest_step()
-    with sharding.mesh_context(exp.mesh):
-        if latest is not None:
-            state = checkpoint.restore(manager, latest, abstract_state, train_iter)
-            logging.info("resumed from %s at step %d", workdir, latest)
-        else:
-            state = init_state()
-            if cfg.train.init_from:
-                state = state.replace(params=params_from(cfg.train.init_from, state.params, abstract_state.params))
+    state = restore_or_init(cfg, exp, manager, abstract_state, init_state, train_iter)
     start_step = int(jax.device_get(state.step))
 
     counts = model_lib.parameter_counts(state.params)
     flops_per_token = metrics.flops_per_token(exp.model_cfg, cfg.data.seq_len)
     peak, peak_source = metrics.peak_flops_per_device(jax.devices()[0], dtype=exp.model_cfg.dtype,
                                                       override=cfg.train.peak_flops_per_device)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.data.batch_size * recipe.sequences_per_example * cfg.data.seq_len
     if is_primary:
         print(f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
               f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(exp.mesh.shape)}; "
@@ -218,22 +225,25 @@ def run(config, workdir: str) -> dict[str, float]:
         progress.update(step, loss=scalars["train/loss"], tokens_per_sec=scalars.get("train/tokens_per_sec"))
         last.update(scalars)
 
+    def flush():
+        """Reads the pending metrics now (before eval, checkpoints and the end)."""
+        nonlocal pending
+        if pending is not None:
+            log(*pending)
+            pending = None
+
     with sharding.mesh_context(exp.mesh):
         for step in range(start_step + 1, cfg.train.num_steps + 1):
             batch = sharding.shard_host_batch(next(train_iter), batch_sharding)
             state, step_metrics = train_step(state, batch, *recipe.extras)
-            if pending is not None:  # read the previous step's metrics while this one runs
-                log(*pending)
-                pending = None
+            flush()  # the previous step's metrics, read while this step runs
             if timer is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(step_metrics)
                 timer = (step, time.perf_counter())
             if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
                 pending = (step, step_metrics)
             if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
-                if pending is not None:
-                    log(*pending)
-                    pending = None
+                flush()
                 eval_metrics = recipe.summarize_eval(evaluate(eval_step, state.params, eval_batches, recipe.extras))
                 writer.write(step, eval_metrics)
                 last.update(eval_metrics)
@@ -242,13 +252,10 @@ def run(config, workdir: str) -> dict[str, float]:
                         f"{key.removeprefix('eval/')} {value:.4f}" for key, value in eval_metrics.items()))
                 timer = (step, time.perf_counter())  # throughput counts training time only
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
-                if pending is not None:  # never checkpoint a state whose loss was not checked
-                    log(*pending)
-                    pending = None
+                flush()  # never checkpoint a state whose loss was not checked
                 checkpoint.save(manager, step, state, train_iter)
                 timer = (step, time.perf_counter())
-        if pending is not None:
-            log(*pending)
+        flush()
     progress.close()
     writer.close()
     manager.close()

@@ -1,0 +1,609 @@
+"""Post-training throughput: the DPO train step against the SFT step on the same tokens, and where
+an online-DPO iteration spends its time (sampling vs training).
+
+    python benchmarks/post_training_throughput.py
+    python benchmarks/post_training_throughput.py --size=mini --batch_size=8 --seq_len=128 --json=/tmp/post.json
+    python benchmarks/post_training_throughput.py --online_iterations=0          # step table only
+
+Table 1, one row per step, each measured in a fresh child process (this script re-invoked with
+`--_single_row=KIND`), on the same random pair batches (same seed), shaped as
+`llm_jax/data/post_training.py` makes them: `tokens` / `mask` / `loss_mask` int32[B, 2, L] (a shared
+prompt, then a chosen and a rejected response + EOS, right-padded; `loss_mask` on response tokens and
+EOS), `valid` int32[B], `reference_logps` float32[B, 2]:
+
+  sft         `steps.make_train_step(task='sft')` on the 2B sequences of those pairs as SFT rows
+              (chosen and rejected flattened, [2B, L]): the same tokens through the same model
+  dpo_cached  `steps.make_dpo_train_step` with `dpo.reference='cached'`: the batch carries the
+              reference log-probs, computed beforehand by `recipes.jit_reference_logps` (the
+              time of that forward pass per batch is reported too: DPO pays it once per dataset)
+  dpo_online  the same step with `dpo.reference='online'`: the frozen reference parameters are the
+              step's extra argument and the reference forward runs inside every step
+
+Each row builds the experiment as the training loop does (`train.build_experiment`,
+`train.state_shardings_and_init`) and jits its step through `train.compile_steps` with a
+`recipes.Recipe` holding just that step, its batch keys and (online) the reference's shardings:
+the same in/out shardings and donation `train.run` gives it. The reference is the initial policy
+itself (a second `init_state()`, so the donated state never aliases it): at the first step policy
+and reference agree and the DPO loss is log 2, a check recorded as `first_loss`. Steps are timed
+after `--warmup` untimed ones, each ended by `jax.block_until_ready`; the median is reported, and
+the ratio of each DPO row to the SFT row's median.
+
+Table 2 (in one more child process): `llm_jax.train.run` fine-tunes a small SFT policy for
+`--online_sft_steps` steps in a temporary directory, then `llm_jax.online_dpo.run` runs
+`--online_iterations` iterations from it with the gold scorer, and the table is read back from its
+`metrics.jsonl`: `online/sample_seconds` (sampling K answers per prompt, scoring them, and the
+policy's and reference's log-probs of the samples for the KL), `online/train_seconds` (the
+reference log-probs of the new pairs, batching them, and `steps_per_iteration` DPO steps) and
+`online/pairs`. The first iteration includes the compilation of every jitted function it calls.
+XLA_FLAGS and JAX_PLATFORMS are taken from the environment untouched. See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+# Runnable from a checkout without `pip install -e .`.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+_ROW_MARKER = "@@BENCH_ROW "
+_ONLINE_MARKER = "@@BENCH_ONLINE "
+KINDS = ("sft", "dpo_cached", "dpo_online")
+_DESCRIPTIONS = {
+    "sft": "SFT step, 2B sequences",
+    "dpo_cached": "DPO step, cached reference",
+    "dpo_online": "DPO step, reference each step",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", default="tiny", help="a row of llm_jax.model.SIZES")
+    p.add_argument("--style", default="gpt2", choices=("gpt2", "llama"), help="model.style")
+    p.add_argument("--dtype", default="float32", help="model.dtype")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="pairs per DPO step (the SFT row gets 2x as many sequences)")
+    p.add_argument("--seq_len", type=int, default=64, help="data.seq_len")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--rows", type=_csv, default=list(KINDS), help=f"step rows, from {KINDS}")
+    p.add_argument("--seed", type=int, default=0)
+    # Table 2: online DPO.
+    p.add_argument("--online_iterations", type=int, default=3, help="online-DPO iterations; 0 skips table 2")
+    p.add_argument("--online_size", default="", help="the online-DPO policy's size ('' = --size)")
+    p.add_argument("--online_sft_steps", type=int, default=20, help="SFT steps that make the starting policy")
+    p.add_argument("--online_seq_len", type=int, default=64, help="data.seq_len of the SFT and online-DPO runs")
+    p.add_argument("--online_batch_size", type=int, default=16, help="pairs per online-DPO step (data.batch_size)")
+    p.add_argument("--online_prompts", type=int, default=32, help="online_dpo.prompts_per_iteration")
+    p.add_argument("--online_samples", type=int, default=4, help="online_dpo.samples_per_prompt")
+    p.add_argument("--online_new_tokens", type=int, default=24, help="online_dpo.max_new_tokens")
+    p.add_argument("--online_steps_per_iteration", type=int, default=8, help="online_dpo.steps_per_iteration")
+    p.add_argument("--row_timeout", type=float, default=1800.0, help="seconds before a child process is given up")
+    p.add_argument("--json", default="", help="also write the rows (and the setup) to this JSON file")
+    # Internal: the child-process protocol.
+    p.add_argument("--_single_row", default="", help=argparse.SUPPRESS)
+    p.add_argument("--_online", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from llm_jax import model as model_lib
+    for size in (args.size, args.online_size or args.size):
+        if size not in model_lib.SIZES:
+            p.error(f"unknown size {size!r}; known: {', '.join(model_lib.SIZES)}")
+    for kind in args.rows:
+        if kind not in KINDS:
+            p.error(f"--rows: unknown row {kind!r}; known: {', '.join(KINDS)}")
+    for name in ("batch_size", "seq_len", "steps", "online_sft_steps", "online_seq_len", "online_batch_size",
+                 "online_prompts", "online_samples", "online_new_tokens", "online_steps_per_iteration"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.seq_len < 4:
+        p.error("--seq_len must be >= 4 (a prompt token, a response token and EOS, for two responses)")
+    if args.warmup < 0 or args.online_iterations < 0:
+        p.error("--warmup and --online_iterations must be >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1: one step, in this process
+# ----------------------------------------------------------------------------------------------
+
+def make_config(kind: str, *, size: str, batch_size: int, seq_len: int, style: str = "gpt2",
+                dtype: str = "float32", seed: int = 0):
+    """base_config() for one row: task 'sft' with 2 x batch_size sequences, or task 'dpo' with
+    batch_size pairs and the reference cached or run online."""
+    from llm_jax import config_lib
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown row {kind!r}; known: {KINDS}")
+    config = config_lib.base_config()
+    config.seed = seed
+    config.model.size = size
+    config.model.style = style
+    config.model.dtype = dtype
+    config.data.tokenizer = "byte"
+    config.data.seq_len = seq_len
+    config.train.progress = False
+    if kind == "sft":
+        config.task = "sft"
+        config.data.batch_size = 2 * batch_size
+    else:
+        config.task = "dpo"
+        config.data.batch_size = batch_size
+        config.dpo.reference = "cached" if kind == "dpo_cached" else "online"
+        # validate() wants a reference model's workdir; the benchmark passes the initial parameters
+        # themselves instead and never reads this path.
+        config.dpo.reference_from = "<benchmark: the initial parameters>"
+    return config
+
+
+def random_pair_batch(rng, num_pairs: int, seq_len: int, *, vocab_size: int, num_special: int, pad_id: int,
+                      eos_id: int) -> dict:
+    """A host pair batch as post_training.preference_batches makes it (reference_logps left out):
+    per pair a shared prompt, two responses of random lengths, each followed by EOS and padding."""
+    import numpy as np
+
+    tokens = np.full((num_pairs, 2, seq_len), pad_id, np.int32)
+    mask = np.zeros((num_pairs, 2, seq_len), np.int32)
+    loss_mask = np.zeros((num_pairs, 2, seq_len), np.int32)
+    for b in range(num_pairs):
+        prompt_len = int(rng.integers(max(1, seq_len // 8), max(2, seq_len // 2)))
+        prompt = rng.integers(num_special, vocab_size, size=prompt_len)
+        for k in range(2):
+            response_len = int(rng.integers(1, seq_len - prompt_len))  # + EOS fits in seq_len
+            length = prompt_len + response_len + 1
+            tokens[b, k, :prompt_len] = prompt
+            tokens[b, k, prompt_len:length - 1] = rng.integers(num_special, vocab_size, size=response_len)
+            tokens[b, k, length - 1] = eos_id
+            mask[b, k, :length] = 1
+            loss_mask[b, k, prompt_len:length] = 1  # response tokens and EOS are targets
+    return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "valid": np.ones(num_pairs, np.int32)}
+
+
+def as_sft_batch(pair_batch: dict) -> dict:
+    """The pairs' 2B sequences as SFT rows [2B, L] (chosen, rejected, chosen, ...)."""
+    return {key: pair_batch[key].reshape(-1, pair_batch[key].shape[-1]) for key in ("tokens", "mask", "loss_mask")}
+
+
+def _rss_peak_bytes() -> int:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _unused(*_):
+    raise NotImplementedError("the benchmark feeds its own batches")
+
+
+def _step_recipe(exp, kind: str, param_shardings):
+    """A Recipe holding only what train.compile_steps reads: the step, its batch keys, the extras'
+    shardings (DPO's online reference)."""
+    from llm_jax import recipes, steps
+
+    if kind == "sft":
+        return recipes.Recipe(
+            steps.make_train_step(exp.model, exp.tx, exp.schedule, task="sft", token_info=exp.token_info,
+                                  z_loss_weight=exp.config.optimizer.z_loss,
+                                  grad_accum_steps=exp.config.optimizer.grad_accum_steps),
+            steps.make_eval_step(exp.model, task="sft", token_info=exp.token_info),
+            recipes.summarize_cross_entropy, _unused, _unused, batch_keys=("tokens", "mask", "loss_mask"))
+    settings = recipes.dpo_settings(exp.config)
+    assert settings.cached_reference == (kind == "dpo_cached") and not settings.reference_free
+    keys = ("tokens", "mask", "loss_mask", "valid") + (("reference_logps",) if settings.cached_reference else ())
+    return recipes.Recipe(
+        steps.make_dpo_train_step(exp.model, exp.tx, exp.schedule, settings),
+        steps.make_dpo_eval_step(exp.model, settings),
+        lambda sums: steps.summarize_preference_sums(sums, "eval"), _unused, _unused, batch_keys=keys,
+        extras_shardings=() if settings.cached_reference else (param_shardings,))
+
+
+def run_row(kind: str, *, size: str = "tiny", batch_size: int = 16, seq_len: int = 64, steps: int = 10,
+            warmup: int = 2, style: str = "gpt2", dtype: str = "float32", seed: int = 0, devices=None) -> dict:
+    """Benchmarks one step kind in this process and returns the row as a dict. `devices` (default:
+    all) is the mesh's; peak RSS is meaningful only in a process that ran nothing else."""
+    import jax
+    import numpy as np
+
+    from llm_jax import recipes, sharding, train
+    from llm_jax import model as model_lib
+
+    row = dict(kind=kind, size=size, style=style, dtype=dtype, pairs=batch_size, seq_len=seq_len, steps=steps,
+               warmup=warmup)
+    config = make_config(kind, size=size, batch_size=batch_size, seq_len=seq_len, style=style, dtype=dtype,
+                         seed=seed)
+    exp = train.build_experiment(config, devices=devices)
+    devices = list(exp.mesh.devices.flat)
+    row.update(platform=devices[0].platform, device_kind=devices[0].device_kind, num_devices=len(devices),
+               mesh=dict(exp.mesh.shape), sequences_per_step=2 * batch_size, tokens_per_step=2 * batch_size * seq_len)
+
+    _, state_shardings, init_state = train.state_shardings_and_init(exp, seed)
+    recipe = _step_recipe(exp, kind, state_shardings.params)
+    train_step, _, batch_sharding = train.compile_steps(exp, state_shardings, recipe)
+    tok = exp.tokenizer
+    rng = np.random.default_rng(seed)  # the same pairs in every row
+    host_pairs = [random_pair_batch(rng, batch_size, seq_len, vocab_size=tok.vocab_size,
+                                    num_special=tok.num_special, pad_id=tok.pad_id, eos_id=tok.eos_id)
+                  for _ in range(min(4, warmup + steps))]
+    row["response_tokens_per_step"] = int(sum(b["loss_mask"].sum() for b in host_pairs) / len(host_pairs))
+
+    with sharding.mesh_context(exp.mesh):
+        state = init_state()
+        row["params_total"] = model_lib.parameter_counts(state.params)["total"]
+        extras = ()
+        if kind == "sft":
+            batches = [sharding.shard_host_batch(as_sft_batch(b), batch_sharding) for b in host_pairs]
+        else:
+            # The frozen reference = the initial policy, in buffers of its own (the state is donated).
+            reference = init_state().params
+            if kind == "dpo_cached":
+                # What recipes.cache_reference_logps does once per dataset, batch by batch.
+                logps_fn = recipes.jit_reference_logps(exp.model, exp.mesh, state_shardings.params)
+                inputs = [sharding.shard_host_batch({k: b[k] for k in ("tokens", "mask", "loss_mask")},
+                                                    batch_sharding) for b in host_pairs]
+                jax.block_until_ready(logps_fn(reference, inputs[0]))  # compile
+                ref_times, tables = [], []
+                for i in range(warmup + steps):
+                    start = time.perf_counter()
+                    table = jax.block_until_ready(logps_fn(reference, inputs[i % len(inputs)]))
+                    ref_times.append(time.perf_counter() - start)
+                    if i < len(inputs):
+                        tables.append(np.asarray(table))
+                row["reference_forward_ms"] = statistics.median(ref_times[warmup:]) * 1e3
+                for b, table in zip(host_pairs, tables):
+                    b["reference_logps"] = table.astype(np.float32)
+                del reference
+            else:
+                extras = (reference,)
+            batches = [sharding.shard_host_batch(b, batch_sharding) for b in host_pairs]
+
+        start = time.perf_counter()
+        compiled = train_step.lower(state, batches[0], *extras).compile()
+        row["compile_s"] = time.perf_counter() - start
+
+        times, first_loss = [], None
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            state, step_metrics = compiled(state, batches[i % len(batches)], *extras)
+            jax.block_until_ready((state, step_metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            if first_loss is None:
+                first_loss = float(jax.device_get(step_metrics["train/loss"]))
+        loss = float(jax.device_get(step_metrics["train/loss"]))
+
+    if not (math.isfinite(loss) and math.isfinite(first_loss)):
+        raise FloatingPointError(f"non-finite loss {loss} (first step {first_loss})")
+    step_time = statistics.median(times)
+    row.update(step_time_ms=step_time * 1e3, step_time_ms_min=min(times) * 1e3, step_time_ms_max=max(times) * 1e3,
+               step_time_ms_mean=statistics.fmean(times) * 1e3, step_times_ms=[t * 1e3 for t in times],
+               tokens_per_sec=row["tokens_per_step"] / step_time, first_loss=first_loss, loss=loss,
+               peak_rss_mib=_rss_peak_bytes() / 2**20)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 2: online DPO, in this process
+# ----------------------------------------------------------------------------------------------
+
+def _override(config, **overrides):
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def online_configs(args, sft_dir: str):
+    """(SFT config, online-DPO config): a short SFT run on the embedded tasks, then online DPO from it
+    with the gold scorer."""
+    from llm_jax import config_lib
+
+    common = {"seed": args.seed, "model.size": args.online_size or args.size, "model.style": args.style,
+              "model.dtype": args.dtype, "data.seq_len": args.online_seq_len,
+              "data.batch_size": args.online_batch_size, "data.num_examples": 512,
+              "data.num_eval_examples": 16, "data.prefetch": 0, "train.log_every": 1, "train.eval_batches": 1,
+              "train.progress": False, "train.keep_checkpoints": 1}
+    sft = _override(config_lib.base_config(), **common, **{
+        "task": "sft", "train.num_steps": args.online_sft_steps, "train.eval_every": args.online_sft_steps,
+        "train.checkpoint_every": args.online_sft_steps, "optimizer.learning_rate": 3e-3,
+        "optimizer.warmup_steps": min(10, args.online_sft_steps // 10)})
+    num_steps = args.online_iterations * args.online_steps_per_iteration
+    online = _override(config_lib.base_config(), **common, **{
+        "task": "online_dpo", "train.init_from": sft_dir, "train.num_steps": num_steps,
+        "train.eval_every": num_steps, "train.checkpoint_every": num_steps, "optimizer.learning_rate": 1e-4,
+        "optimizer.warmup_steps": 0, "online_dpo.scorer": "gold",
+        "online_dpo.steps_per_iteration": args.online_steps_per_iteration,
+        "online_dpo.prompts_per_iteration": args.online_prompts,
+        "online_dpo.samples_per_prompt": args.online_samples,
+        "online_dpo.max_new_tokens": args.online_new_tokens})
+    return sft, online
+
+
+def run_online(args) -> dict:
+    """Short SFT, then online DPO; the per-iteration split read back from its metrics.jsonl."""
+    import jax
+
+    from llm_jax import metrics, online_dpo, train
+
+    with tempfile.TemporaryDirectory(prefix="post_training_bench_") as tmp:
+        sft_dir, online_dir = os.path.join(tmp, "sft"), os.path.join(tmp, "online_dpo")
+        sft_config, online_config = online_configs(args, sft_dir)
+        start = time.perf_counter()
+        train.run(sft_config, sft_dir)
+        sft_s = time.perf_counter() - start
+        start = time.perf_counter()
+        online_dpo.run(online_config, online_dir)
+        online_s = time.perf_counter() - start
+        logged = metrics.read_metrics(os.path.join(online_dir, "metrics.jsonl"))
+    iterations = [{"iteration": int(r["online/iteration"]), "sample_s": r["online/sample_seconds"],
+                   "train_s": r["online/train_seconds"], "pairs": int(r["online/pairs"]),
+                   "gold_reward": r.get("online/gold_reward"), "loss": r.get("train/loss")}
+                  for r in logged if "online/sample_seconds" in r]
+    device = jax.devices()[0]
+    return {"size": online_config.model.size, "seq_len": online_config.data.seq_len,
+            "pairs_per_step": online_config.data.batch_size, "sft_steps": sft_config.train.num_steps,
+            "prompts_per_iteration": online_config.online_dpo.prompts_per_iteration,
+            "samples_per_prompt": online_config.online_dpo.samples_per_prompt,
+            "max_new_tokens": online_config.online_dpo.max_new_tokens,
+            "steps_per_iteration": online_config.online_dpo.steps_per_iteration,
+            "platform": device.platform, "num_devices": jax.device_count(),
+            "sft_run_s": sft_s, "online_run_s": online_s, "iterations": iterations}
+
+
+# ----------------------------------------------------------------------------------------------
+# Child processes
+# ----------------------------------------------------------------------------------------------
+
+def _common_flags(args) -> list[str]:
+    return [f"--size={args.size}", f"--style={args.style}", f"--dtype={args.dtype}",
+            f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}", f"--steps={args.steps}",
+            f"--warmup={args.warmup}", f"--seed={args.seed}"]
+
+
+def _online_flags(args) -> list[str]:
+    return [f"--online_iterations={args.online_iterations}", f"--online_size={args.online_size}",
+            f"--online_sft_steps={args.online_sft_steps}", f"--online_seq_len={args.online_seq_len}",
+            f"--online_batch_size={args.online_batch_size}", f"--online_prompts={args.online_prompts}",
+            f"--online_samples={args.online_samples}", f"--online_new_tokens={args.online_new_tokens}",
+            f"--online_steps_per_iteration={args.online_steps_per_iteration}"]
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])
+
+
+def parse_child_output(stdout: str, marker: str) -> dict | None:
+    """The JSON object on the last line that starts with `marker`, or None."""
+    found = None
+    for line in stdout.splitlines():
+        if line.startswith(marker):
+            found = json.loads(line[len(marker):])
+    return found
+
+
+def _run_child(argv: list[str], marker: str, *, timeout: float, env=None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or None, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    result = parse_child_output(proc.stdout, marker)
+    if result is not None:
+        return result
+    if proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+    else:
+        why = f"exited with code {proc.returncode}"
+    return {"error": f"child process {why}: {_last_lines(proc.stderr or proc.stdout) or 'no output'}"}
+
+
+def run_row_subprocess(args, kind: str, *, env=None) -> dict:
+    """One step row in a fresh interpreter; a failure (exception, OOM kill, timeout) becomes `error`."""
+    row = _run_child([f"--_single_row={kind}", *_common_flags(args)], _ROW_MARKER, timeout=args.row_timeout,
+                     env=env)
+    return {"kind": kind, **row}
+
+
+def run_online_subprocess(args, *, env=None) -> dict:
+    return _run_child(["--_online", *_common_flags(args), *_online_flags(args)], _ONLINE_MARKER,
+                      timeout=args.row_timeout, env=env)
+
+
+def _error_text(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _child_main(args) -> None:
+    if args._online:
+        try:
+            result = run_online(args)
+        except Exception as e:  # noqa: BLE001  (every failure becomes the table's error)
+            traceback.print_exc()
+            result = {"error": _error_text(e)}
+        print(_ONLINE_MARKER + json.dumps(result), flush=True)
+        return
+    kind = args._single_row
+    try:
+        row = run_row(kind, size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                      warmup=args.warmup, style=args.style, dtype=args.dtype, seed=args.seed)
+    except Exception as e:  # noqa: BLE001  (every failure becomes the row's error)
+        traceback.print_exc()
+        row = {"kind": kind, "error": _error_text(e)}
+    print(_ROW_MARKER + json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables
+# ----------------------------------------------------------------------------------------------
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """`vs_sft`: each row's median step time over the SFT row's (when both succeeded)."""
+    sft = next((r for r in rows if r["kind"] == "sft" and "error" not in r), None)
+    for row in rows:
+        if sft is not None and "error" not in row:
+            row["vs_sft"] = row["step_time_ms"] / sft["step_time_ms"]
+    return rows
+
+
+# (header, width, formatter of a successful row)
+_STEP_COLUMNS = (
+    ("row", 10, lambda r: r["kind"]),
+    ("step", 30, lambda r: _DESCRIPTIONS[r["kind"]]),
+    ("tokens/step", 11, lambda r: f"{r['tokens_per_step']:,}"),
+    ("step ms (med)", 13, lambda r: f"{r['step_time_ms']:,.1f}"),
+    ("x SFT", 6, lambda r: f"{r['vs_sft']:.2f}" if "vs_sft" in r else "-"),
+    ("tokens/s", 9, lambda r: f"{r['tokens_per_sec']:,.0f}"),
+    ("compile s", 9, lambda r: f"{r['compile_s']:.2f}"),
+    ("peak MiB", 8, lambda r: f"{r['peak_rss_mib']:,.0f}"),
+)
+
+
+def _header(columns, left: int) -> str:
+    head = "  ".join(f"{name:<{w}}" if i < left else f"{name:>{w}}" for i, (name, w, _) in enumerate(columns))
+    return head + "\n" + "  ".join("-" * w for _, w, _ in columns)
+
+
+def format_step_header() -> str:
+    return _header(_STEP_COLUMNS, 2)
+
+
+def format_step_row(row: dict, max_error: int = 160) -> str:
+    kind = f"{row['kind']:<{_STEP_COLUMNS[0][1]}}"
+    if row.get("error"):
+        error = row["error"] if len(row["error"]) <= max_error else row["error"][:max_error - 3] + "..."
+        return f"{kind}  FAILED: {error}"
+    cells = [f"{fmt(row):<{w}}" if i == 0 else f"{fmt(row):>{w}}" for i, (_, w, fmt) in enumerate(_STEP_COLUMNS[1:])]
+    return kind + "  " + "  ".join(cells)
+
+
+def format_step_table(rows) -> str:
+    return "\n".join([format_step_header(), *(format_step_row(r) for r in add_ratios(list(rows)))])
+
+
+def step_notes(rows) -> list[str]:
+    notes = []
+    cached = next((r for r in rows if r["kind"] == "dpo_cached" and "error" not in r), None)
+    if cached is not None and "reference_forward_ms" in cached:
+        notes.append(f"dpo_cached: caching the reference took {cached['reference_forward_ms']:,.1f} ms per batch "
+                     f"(one forward, jit_reference_logps), paid once per dataset, not per step")
+        if "vs_sft" in cached:
+            verdict = "meets" if cached["vs_sft"] <= 1.3 else "misses"
+            notes.append(f"target cached DPO <= 1.3x SFT: {cached['vs_sft']:.2f}x ({verdict} it)")
+    for row in rows:
+        if row["kind"].startswith("dpo") and "error" not in row:
+            notes.append(f"{row['kind']}: first-step loss {row['first_loss']:.6f} (log 2 = {math.log(2):.6f}: "
+                         "policy = reference)")
+    return notes
+
+
+_ONLINE_COLUMNS = (
+    ("iteration", 9, lambda r: f"{r['iteration']}" + (" *" if r["iteration"] == 1 else "")),
+    ("sampling s", 10, lambda r: f"{r['sample_s']:.2f}"),
+    ("training s", 10, lambda r: f"{r['train_s']:.2f}"),
+    ("sampling %", 10, lambda r: f"{100 * r['sample_s'] / max(r['sample_s'] + r['train_s'], 1e-12):.1f}"),
+    ("pairs", 5, lambda r: f"{r['pairs']}"),
+)
+
+
+def format_online_table(result: dict) -> str:
+    if result.get("error"):
+        return f"online DPO FAILED: {result['error']}"
+    lines = [_header(_ONLINE_COLUMNS, 1)]
+    for r in result["iterations"]:
+        lines.append("  ".join(f"{fmt(r):<{w}}" if i == 0 else f"{fmt(r):>{w}}"
+                               for i, (_, w, fmt) in enumerate(_ONLINE_COLUMNS)))
+    later = result["iterations"][1:]
+    if later:
+        mean = {"iteration": 0, "sample_s": statistics.fmean(r["sample_s"] for r in later),
+                "train_s": statistics.fmean(r["train_s"] for r in later),
+                "pairs": round(statistics.fmean(r["pairs"] for r in later))}
+        cells = ["2.. mean", *(fmt(mean) for _, _, fmt in _ONLINE_COLUMNS[1:])]
+        lines.append("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                               for i, (c, (_, w, _)) in enumerate(zip(cells, _ONLINE_COLUMNS))))
+    lines.append("* includes the compilation of sampling, scoring, reference log-probs and the DPO step")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "system": platform.system(), "load_average": load}
+
+
+def run_step_rows(args, *, env=None, out=sys.stdout) -> list[dict]:
+    """Table 1: every `--rows` kind in its own child process, printed as it comes."""
+    print(f"{args.size} ({args.style}, {args.dtype}), {args.batch_size} pairs x 2 x seq_len {args.seq_len}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up", file=out)
+    print(format_step_header(), file=out, flush=True)
+    rows = []
+    for kind in args.rows:
+        rows.append(run_row_subprocess(args, kind, env=env))
+        add_ratios(rows)
+        print(format_step_row(rows[-1]), file=out, flush=True)
+    for note in step_notes(rows):
+        print(note, file=out)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._single_row or args._online:
+        _child_main(args)
+        return 0
+
+    command = "python benchmarks/post_training_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = _machine()
+    print(f"{machine['cpu_count']} CPUs ({machine['cpu']}), load average {machine['load_average']}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    rows = run_step_rows(args)
+    online = None
+    if args.online_iterations:
+        print(f"\nonline DPO ({args.online_size or args.size}, gold scorer): {args.online_iterations} iterations of "
+              f"{args.online_prompts} prompts x {args.online_samples} samples x {args.online_new_tokens} new tokens, "
+              f"then {args.online_steps_per_iteration} DPO steps of {args.online_batch_size} pairs "
+              f"(seq_len {args.online_seq_len}), from {args.online_sft_steps} SFT steps", flush=True)
+        online = run_online_subprocess(args)
+        print(format_online_table(online), flush=True)
+
+    if args.json:
+        record = {"command": command, "date": datetime.date.today().isoformat(),
+                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
+                  "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": machine, "rows": rows, "online": online}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"rows written to {args.json}")
+    failed = any("error" in r for r in rows) or (online is not None and "error" in online)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
