@@ -1,7 +1,7 @@
 """Post-training throughput: the DPO train step against the SFT step on the same tokens, and where
 an online-DPO iteration spends its time (sampling vs training).
 
-    python benchmarks/post_training_throughput.py
+    python benchmarks/post_training_throughput.py --repeats=3
     python benchmarks/post_training_throughput.py --size=mini --batch_size=8 --seq_len=128 --json=/tmp/post.json
     python benchmarks/post_training_throughput.py --online_iterations=0          # step table only
 
@@ -26,7 +26,9 @@ the same in/out shardings and donation `train.run` gives it. The reference is th
 itself (a second `init_state()`, so the donated state never aliases it): at the first step policy
 and reference agree and the DPO loss is log 2, a check recorded as `first_loss`. Steps are timed
 after `--warmup` untimed ones, each ended by `jax.block_until_ready`; the median is reported, and
-the ratio of each DPO row to the SFT row's median.
+the ratio of each DPO row to the SFT row's median. `--repeats=N` runs N rounds of children, the
+kinds taking turns, and adds a table of medians over the rounds (on a shared machine the load
+drifts between children; taking turns spreads that over every kind).
 
 Table 2 (in one more child process): `llm_jax.train.run` fine-tunes a small SFT policy for
 `--online_sft_steps` steps in a temporary directory, then `llm_jax.online_dpo.run` runs
@@ -86,12 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=64, help="data.seq_len")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of child processes, kinds taking turns; the table shows medians over rounds")
     p.add_argument("--rows", type=_csv, default=list(KINDS), help=f"step rows, from {KINDS}")
     p.add_argument("--seed", type=int, default=0)
     # Table 2: online DPO.
     p.add_argument("--online_iterations", type=int, default=3, help="online-DPO iterations; 0 skips table 2")
     p.add_argument("--online_size", default="", help="the online-DPO policy's size ('' = --size)")
-    p.add_argument("--online_sft_steps", type=int, default=20, help="SFT steps that make the starting policy")
+    p.add_argument("--online_sft_steps", type=int, default=60,
+                   help="SFT steps (learning rate 3e-3) that make the starting policy")
+    p.add_argument("--online_tasks", default="add,sort,reverse,count", help="data.tasks of the SFT and online-DPO runs")
     p.add_argument("--online_seq_len", type=int, default=64, help="data.seq_len of the SFT and online-DPO runs")
     p.add_argument("--online_batch_size", type=int, default=16, help="pairs per online-DPO step (data.batch_size)")
     p.add_argument("--online_prompts", type=int, default=32, help="online_dpo.prompts_per_iteration")
@@ -112,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for kind in args.rows:
         if kind not in KINDS:
             p.error(f"--rows: unknown row {kind!r}; known: {', '.join(KINDS)}")
-    for name in ("batch_size", "seq_len", "steps", "online_sft_steps", "online_seq_len", "online_batch_size",
+    for name in ("batch_size", "seq_len", "steps", "repeats", "online_sft_steps", "online_seq_len", "online_batch_size",
                  "online_prompts", "online_samples", "online_new_tokens", "online_steps_per_iteration"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -213,7 +219,7 @@ def _step_recipe(exp, kind: str, param_shardings):
         steps.make_dpo_train_step(exp.model, exp.tx, exp.schedule, settings),
         steps.make_dpo_eval_step(exp.model, settings),
         lambda sums: steps.summarize_preference_sums(sums, "eval"), _unused, _unused, batch_keys=keys,
-        extras_shardings=() if settings.cached_reference else (param_shardings,))
+        sequences_per_example=2, extras_shardings=() if settings.cached_reference else (param_shardings,))
 
 
 def run_row(kind: str, *, size: str = "tiny", batch_size: int = 16, seq_len: int = 64, steps: int = 10,
@@ -321,7 +327,7 @@ def online_configs(args, sft_dir: str):
 
     common = {"seed": args.seed, "model.size": args.online_size or args.size, "model.style": args.style,
               "model.dtype": args.dtype, "data.seq_len": args.online_seq_len,
-              "data.batch_size": args.online_batch_size, "data.num_examples": 512,
+              "data.batch_size": args.online_batch_size, "data.tasks": args.online_tasks, "data.num_examples": 512,
               "data.num_eval_examples": 16, "data.prefetch": 0, "train.log_every": 1, "train.eval_batches": 1,
               "train.progress": False, "train.keep_checkpoints": 1}
     sft = _override(config_lib.base_config(), **common, **{
@@ -361,7 +367,7 @@ def run_online(args) -> dict:
                    "gold_reward": r.get("online/gold_reward"), "loss": r.get("train/loss")}
                   for r in logged if "online/sample_seconds" in r]
     device = jax.devices()[0]
-    return {"size": online_config.model.size, "seq_len": online_config.data.seq_len,
+    return {"size": online_config.model.size, "tasks": online_config.data.tasks, "seq_len": online_config.data.seq_len,
             "pairs_per_step": online_config.data.batch_size, "sft_steps": sft_config.train.num_steps,
             "prompts_per_iteration": online_config.online_dpo.prompts_per_iteration,
             "samples_per_prompt": online_config.online_dpo.samples_per_prompt,
@@ -383,7 +389,8 @@ def _common_flags(args) -> list[str]:
 
 def _online_flags(args) -> list[str]:
     return [f"--online_iterations={args.online_iterations}", f"--online_size={args.online_size}",
-            f"--online_sft_steps={args.online_sft_steps}", f"--online_seq_len={args.online_seq_len}",
+            f"--online_sft_steps={args.online_sft_steps}", f"--online_tasks={args.online_tasks}",
+            f"--online_seq_len={args.online_seq_len}",
             f"--online_batch_size={args.online_batch_size}", f"--online_prompts={args.online_prompts}",
             f"--online_samples={args.online_samples}", f"--online_new_tokens={args.online_new_tokens}",
             f"--online_steps_per_iteration={args.online_steps_per_iteration}"]
@@ -510,7 +517,9 @@ def step_notes(rows) -> list[str]:
                      f"(one forward, jit_reference_logps), paid once per dataset, not per step")
         if "vs_sft" in cached:
             verdict = "meets" if cached["vs_sft"] <= 1.3 else "misses"
-            notes.append(f"target cached DPO <= 1.3x SFT: {cached['vs_sft']:.2f}x ({verdict} it)")
+            per_round = ", ".join(f"{x:.2f}" for x in cached.get("runs_vs_sft", []))
+            notes.append(f"target cached DPO <= 1.3x SFT: {cached['vs_sft']:.2f}x ({verdict} it)"
+                         + (f"; rounds: {per_round}" if per_round else ""))
     for row in rows:
         if row["kind"].startswith("dpo") and "error" not in row:
             notes.append(f"{row['kind']}: first-step loss {row['first_loss']:.6f} (log 2 = {math.log(2):.6f}: "
@@ -558,16 +567,54 @@ def _machine() -> dict:
             "system": platform.system(), "load_average": load}
 
 
-def run_step_rows(args, *, env=None, out=sys.stdout) -> list[dict]:
-    """Table 1: every `--rows` kind in its own child process, printed as it comes."""
-    print(f"{args.size} ({args.style}, {args.dtype}), {args.batch_size} pairs x 2 x seq_len {args.seq_len}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up", file=out)
-    print(format_step_header(), file=out, flush=True)
+def aggregate_runs(runs: list[list[dict]]) -> list[dict]:
+    """One row per kind from `--repeats` rounds: the median over the rounds of each round's median
+    step time (and of compile / reference-forward times), the largest peak RSS; the rounds' own
+    medians and SFT ratios stay in `runs_step_time_ms` / `runs_vs_sft`."""
     rows = []
-    for kind in args.rows:
-        rows.append(run_row_subprocess(args, kind, env=env))
-        add_ratios(rows)
-        print(format_step_row(rows[-1]), file=out, flush=True)
+    for kind in [row["kind"] for row in runs[0]]:
+        done = [row for rnd in runs for row in rnd if row["kind"] == kind and "error" not in row]
+        if not done:
+            rows.append(next(row for rnd in runs for row in rnd if row["kind"] == kind))
+            continue
+        row = {k: v for k, v in done[0].items() if k not in ("vs_sft", "step_times_ms")}
+        row.update(repeats=len(done), runs_step_time_ms=[r["step_time_ms"] for r in done],
+                   runs_vs_sft=[r["vs_sft"] for r in done if "vs_sft" in r],
+                   step_time_ms=statistics.median(r["step_time_ms"] for r in done),
+                   step_time_ms_min=min(r["step_time_ms_min"] for r in done),
+                   step_time_ms_max=max(r["step_time_ms_max"] for r in done),
+                   compile_s=statistics.median(r["compile_s"] for r in done),
+                   peak_rss_mib=max(r["peak_rss_mib"] for r in done))
+        row["tokens_per_sec"] = row["tokens_per_step"] / (row["step_time_ms"] / 1e3)
+        if "reference_forward_ms" in row:
+            row["reference_forward_ms"] = statistics.median(r["reference_forward_ms"] for r in done)
+        rows.append(row)
+    return add_ratios(rows)
+
+
+def run_step_rows(args, *, env=None, out=sys.stdout) -> list[dict]:
+    """Table 1: every `--rows` kind in its own child process, printed as it comes; with
+    `--repeats` > 1 the kinds take turns (sft, dpo_cached, dpo_online, sft, ...), so that a change
+    in the machine's load hits every kind alike, and a table of medians over the rounds follows."""
+    print(f"{args.size} ({args.style}, {args.dtype}), {args.batch_size} pairs x 2 x seq_len {args.seq_len}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up"
+          + (f"; {args.repeats} rounds, kinds in turn" if args.repeats > 1 else ""), file=out)
+    print(format_step_header(), file=out, flush=True)
+    runs = []
+    for repeat in range(args.repeats):
+        rnd = []
+        for kind in args.rows:
+            rnd.append(run_row_subprocess(args, kind, env=env))
+            add_ratios(rnd)  # against this round's SFT row
+            suffix = f"  (round {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+            print(format_step_row(rnd[-1]) + suffix, file=out, flush=True)
+        runs.append(rnd)
+    rows = runs[0] if args.repeats == 1 else aggregate_runs(runs)
+    if args.repeats > 1:
+        print(f"median over {args.repeats} rounds:", file=out)
+        print(format_step_header(), file=out)
+        for row in rows:
+            print(format_step_row(row), file=out)
     for note in step_notes(rows):
         print(note, file=out)
     return rows
@@ -589,7 +636,8 @@ def main(argv=None) -> int:
         print(f"\nonline DPO ({args.online_size or args.size}, gold scorer): {args.online_iterations} iterations of "
               f"{args.online_prompts} prompts x {args.online_samples} samples x {args.online_new_tokens} new tokens, "
               f"then {args.online_steps_per_iteration} DPO steps of {args.online_batch_size} pairs "
-              f"(seq_len {args.online_seq_len}), from {args.online_sft_steps} SFT steps", flush=True)
+              f"(seq_len {args.online_seq_len}), from {args.online_sft_steps} SFT steps on {args.online_tasks}",
+              flush=True)
         online = run_online_subprocess(args)
         print(format_online_table(online), flush=True)
 

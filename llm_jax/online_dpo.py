@@ -15,6 +15,7 @@ schedule, logging and checkpoints work as in every other run.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -72,7 +73,9 @@ def run(config, workdir: str) -> dict[str, float]:
     is_primary = jax.process_index() == 0
     config_lib.check_or_write_workdir_config(config, workdir, write=is_primary)
     abstract_state, state_shardings, init_state = train.state_shardings_and_init(exp, config.seed)
-    settings = recipes.dpo_settings(config)
+    # Each iteration's pairs are scored by the reference once, right after they are built, so the
+    # reference is always cached here (dpo.reference only matters for offline DPO).
+    settings = dataclasses.replace(recipes.dpo_settings(config), cached_reference=True)
     train_step = jax.jit(steps.make_dpo_train_step(exp.model, exp.tx, exp.schedule, settings),
                          in_shardings=(state_shardings, {key: sharding.batch_sharding(exp.mesh) for key in
                                                          ("tokens", "mask", "loss_mask", "valid", "reference_logps")}),
