@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.reference = "cached"  # 'cached' (log-probs computed once) | 'online' (frozen model run each step)
     c.dpo.reference_from = ""  # '' -> train.init_from (the SFT model)
     c.dpo.reference_free = False
+    c.dpo.rpo_alpha = 0.0  # RPO: + alpha * NLL of the chosen response per token (TRL's rpo_alpha)
     c.dpo.pairs = "best_worst"  # from rankings: 'best_worst' | 'all' ordered pairs
 
     c.online_dpo = od = ml_collections.ConfigDict()
@@ -193,6 +194,8 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
     if config.task == "online_dpo" and config.online_dpo.pairs not in ("best_worst", "all"):
         raise ValueError(f"online_dpo.pairs must be 'best_worst' or 'all', got {config.online_dpo.pairs!r}")
     if config.task in ("dpo", "online_dpo"):
+        if config.dpo.rpo_alpha < 0:
+            raise ValueError(f"dpo.rpo_alpha must be >= 0, got {config.dpo.rpo_alpha}")
         if config.dpo.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {config.dpo.beta}")
         if config.dpo.reference not in ("cached", "online"):

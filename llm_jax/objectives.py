@@ -312,3 +312,9 @@ def kl_estimate(policy_logps_B, reference_logps_B, counts_B=None):
         num_tokens = jnp.sum(counts_B.astype(jnp.float32))
         metrics["kl_per_token"] = jnp.sum(d_B) / jnp.maximum(num_tokens, 1.0)
     return metrics
+
+
+def chosen_nll(chosen_logps_B, chosen_counts_B):
+    """Per-token negative log-likelihood of the chosen responses (RPO's extra term): their summed
+    log-probs over their token counts."""
+    return -chosen_logps_B.astype(jnp.float32) / jnp.maximum(chosen_counts_B.astype(jnp.float32), 1.0)

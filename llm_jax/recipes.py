@@ -213,6 +213,7 @@ def reward_recipe(exp, abstract_state) -> Recipe:
 def dpo_settings(config) -> steps.DPOSettings:
     return steps.DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                              label_smoothing=config.dpo.label_smoothing, reference_free=config.dpo.reference_free,
+                             rpo_alpha=config.dpo.rpo_alpha,
                              cached_reference=config.dpo.reference == "cached")
 
 

@@ -185,6 +185,10 @@ class DPOSettings:
     loss_type: str = "sigmoid"  # 'sigmoid' (DPO) | 'ipo'
     label_smoothing: float = 0.0  # conservative DPO
     reference_free: bool = False
+    # RPO (Pang et al. 2024, TRL's rpo_alpha): + alpha * the chosen response's per-token NLL. It
+    # keeps DPO from lowering the likelihood of chosen answers along with rejected ones, which
+    # derails sampling in iterative / online DPO.
+    rpo_alpha: float = 0.0
     # True: the batch carries 'reference_logps' computed once before training. False: the frozen
     # reference parameters are an explicit argument of the step and run on the fly.
     cached_reference: bool = True
@@ -210,6 +214,8 @@ def _dpo_terms(model, settings: DPOSettings, params, batch, reference_params, *,
         policy_in[:, 0], policy_in[:, 1], reference_in[:, 0], reference_in[:, 1], beta=settings.beta,
         loss_type=settings.loss_type, label_smoothing=settings.label_smoothing,
         reference_free=settings.reference_free)
+    if settings.rpo_alpha:
+        losses_B = losses_B + settings.rpo_alpha * objectives.chosen_nll(policy_BxK[:, 0], counts_BxK[:, 0])
     return losses_B, chosen_B, rejected_B, policy_BxK, reference_BxK
 
 

@@ -123,3 +123,10 @@ def test_write_is_atomic_a_failed_write_keeps_the_old_file(tmp_path):
         jsonl.write_jsonl(path, [{"prompt": "p", "response": "new"}, {"score": float("nan")}])
     assert jsonl.read_sft(path) == [SFTExample("p", "old")]
     assert os.listdir(tmp_path) == ["sft.jsonl"]  # no temp file left behind
+
+
+def test_identical_answers_are_tied_in_ranks():
+    from llm_jax.data.jsonl import RankingExample
+
+    example = RankingExample("q", ["a", "b", "a", "c"], ranking=[1, 2, 0, 3])
+    assert example.ranks() == [1, 0, 1, 3]  # "b" best; both copies of "a" share the better copy's rank

@@ -360,3 +360,10 @@ def test_kl_estimates_are_unbiased_on_policy_samples():
     metrics = objectives.kl_estimate(np.log(p)[samples], np.log(q)[samples])
     np.testing.assert_allclose(metrics["kl"], exact, rtol=0.03)
     np.testing.assert_allclose(metrics["kl_k3"], exact, rtol=0.03)
+
+
+def test_chosen_nll_is_the_per_token_negative_log_likelihood():
+    from llm_jax.objectives import chosen_nll
+
+    # Chosen responses with summed log-probs -6 over 3 tokens and -1 over 0 tokens (guarded).
+    np.testing.assert_allclose(chosen_nll(jnp.array([-6.0, -1.0]), jnp.array([3, 0])), [2.0, 1.0])

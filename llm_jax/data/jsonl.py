@@ -50,13 +50,19 @@ class RankingExample:
     scores: list[float] | None = None
 
     def ranks(self) -> list[int]:
-        """Each response's rank, 0 = best: how many responses are strictly better (ties share one)."""
+        """Each response's rank, 0 = best: how many responses are strictly better (ties share one).
+        Identical answers are tied at the better one's rank: a rater who orders two copies of one
+        answer states no preference (sampled answers repeat often)."""
         if self.scores is None:
             ranks = [0] * len(self.responses)
             for position, index in enumerate(self.ranking):
                 ranks[index] = position
-            return ranks
-        return [sum(other > score for other in self.scores) for score in self.scores]
+        else:
+            ranks = [sum(other > score for other in self.scores) for score in self.scores]
+        best_rank_of_text: dict[str, int] = {}
+        for text, rank in zip(self.responses, ranks):
+            best_rank_of_text[text] = min(rank, best_rank_of_text.get(text, rank))
+        return [best_rank_of_text[text] for text in self.responses]
 
 
 AnyExample = Union[SFTExample, PreferenceExample, RankingExample]
