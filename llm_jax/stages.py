@@ -23,9 +23,6 @@ import numpy as np
 from llm_jax import config_lib, evaluation, metrics, online_dpo, sample, train
 from llm_jax.data import jsonl, tasks
 
-POLICY_STAGES = ("sft", "dpo", "online_dpo")
-
-
 def _stage_config(config, task: str, steps: int, learning_rate: float, **fields) -> ml_collections.ConfigDict:
     """A stage's own config: the pipeline's shared fields (model, data, mesh, ...) and its own."""
     stage = config_lib.base_config()
@@ -83,11 +80,17 @@ def _task_names(config) -> list[str]:
     return [name.strip() for name in config.data.tasks.split(",") if name.strip()]
 
 
-def evaluate_policies(config, workdir: str, stage_dirs: dict[str, str], reward_dir: str) -> list[dict]:
-    """One row per policy stage plus the reward model's own held-out accuracy."""
+def evaluate_policies(config, stage_dirs: dict[str, str], reward_dir: str) -> list[dict]:
+    """One row per policy plus the reward model's held-out accuracy.
+
+    A policy is judged on its own distribution, as RLHF optimises it: `eval_samples` answers per
+    held-out prompt at temperature 1 give the gold accuracy and mean gold reward, the reward
+    model's mean score, the KL to the SFT policy (k1 estimator on these samples) and the win-rate
+    against the SFT policy's samples (gold reward, ties half); greedy accuracy is reported too.
+    """
     p = config.pipeline
     prompts = [e.prompt for e in tasks.make_examples(_task_names(config), config.data.num_eval_examples,
-                                                     config.seed + 2, split="eval")]
+                                                     config.seed + 2, split="eval")] * p.eval_samples
     sft_exp, sft_params = sample.load_run(stage_dirs["sft"])
     rm_exp, rm_params = sample.load_run(reward_dir)
     greedy = evaluation.SamplingSettings(max_new_tokens=p.max_new_tokens, greedy=True,
@@ -95,35 +98,32 @@ def evaluate_policies(config, workdir: str, stage_dirs: dict[str, str], reward_d
     sampled = evaluation.SamplingSettings(max_new_tokens=p.max_new_tokens, temperature=1.0,
                                           batch_size=p.sampling_batch_size)
     seq_len = config.data.seq_len
-    rows, answers = [], {}
-    for stage in POLICY_STAGES:
+    rows, rewards = [], {}
+    for stage in stage_dirs:  # sft first: the others are compared with it
         exp, params = sample.load_run(stage_dirs[stage])
-        answers[stage], _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, greedy,
-                                                        rng=jax.random.key(0), mesh=exp.mesh)
-        # KL(policy || SFT) on the policy's own temperature-1 samples (the k1 estimator).
         samples, _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, sampled,
                                                  rng=jax.random.key(1), mesh=exp.mesh)
+        greedy_answers, _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, greedy,
+                                                        rng=jax.random.key(0), mesh=exp.mesh)
         kl = np.mean(evaluation.score_logps(exp.model, params, exp.tokenizer, prompts, samples, seq_len=seq_len)
                      - evaluation.score_logps(sft_exp.model, sft_params, exp.tokenizer, prompts, samples,
                                               seq_len=seq_len))
-        rm_scores = evaluation.score_rewards(rm_exp.model, rm_params, rm_exp.tokenizer, prompts, answers[stage],
+        rm_scores = evaluation.score_rewards(rm_exp.model, rm_params, rm_exp.tokenizer, prompts, samples,
                                              seq_len=rm_exp.config.data.seq_len)
-        gold = evaluation.gold_scores(prompts, answers[stage])
-        rows.append({"stage": stage, **gold, "rm_accuracy": None, "kl": float(kl),
-                     "rm_score": float(np.mean(rm_scores))})
+        rewards[stage] = [tasks.gold_reward(q, a) for q, a in zip(prompts, samples)]
+        rows.append({"stage": stage, **evaluation.gold_scores(prompts, samples), "rm_accuracy": None,
+                     "kl": float(kl), "rm_score": float(np.mean(rm_scores)),
+                     "greedy_accuracy": evaluation.gold_scores(prompts, greedy_answers)["gold_accuracy"],
+                     "win_rate_vs_sft": evaluation.win_rate(rewards[stage], rewards.get("sft", rewards[stage]))})
     rm_metrics = [r for r in metrics.read_metrics(os.path.join(reward_dir, "metrics.jsonl")) if "eval/accuracy" in r]
     rows.insert(1, {"stage": "reward_model", "gold_accuracy": None, "gold_reward": None,
-                    "rm_accuracy": rm_metrics[-1]["eval/accuracy"], "kl": None, "rm_score": None})
-    sft_rewards = [tasks.gold_reward(q, a) for q, a in zip(prompts, answers["sft"])]
-    for row in rows:
-        if row["stage"] in POLICY_STAGES:
-            stage_rewards = [tasks.gold_reward(q, a) for q, a in zip(prompts, answers[row["stage"]])]
-            row["win_rate_vs_sft"] = evaluation.win_rate(stage_rewards, sft_rewards)
+                    "rm_accuracy": rm_metrics[-1]["eval/accuracy"], "kl": None})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ("stage", "gold_accuracy", "gold_reward", "rm_accuracy", "rm_score", "kl", "win_rate_vs_sft")
+    columns = ("stage", "gold_accuracy", "gold_reward", "rm_accuracy", "kl", "rm_score", "greedy_accuracy",
+               "win_rate_vs_sft")
     lines = ["  ".join(f"{c:>15}" for c in columns)]
     for row in rows:
         cells = [row.get(c) for c in columns]
@@ -134,8 +134,10 @@ def format_table(rows: list[dict]) -> str:
 
 def run(config, workdir: str) -> list[dict]:
     p = config.pipeline
+    scorers = [name.strip() for name in p.online_scorers.split(",") if name.strip()]
+    online_stages = [f"online_dpo_{scorer}" for scorer in scorers]
     dirs = {stage: os.path.join(workdir, stage)
-            for stage in ("pretrain", "sft", "annotate", "reward", "dpo", "online_dpo")}
+            for stage in ("pretrain", "sft", "annotate", "reward", "dpo", *online_stages)}
     plan = [
         ("pretrain", _stage_config(config, "lm", p.pretrain_steps, p.pretrain_learning_rate,
                                    **{"data.dataset": p.pretrain_dataset})),
@@ -155,13 +157,17 @@ def run(config, workdir: str) -> list[dict]:
                                  **preference_data})),
     ]
     _run_stages(plan, dirs)
-    online_config = _stage_config(config, "online_dpo", p.online_iterations * config.online_dpo.steps_per_iteration,
-                                  p.dpo_learning_rate, **{"train.init_from": dirs["sft"],
-                                                          "data.batch_size": p.dpo_batch_size,
-                                                          "online_dpo.reward_model_from": dirs["reward"]})
-    _run_stages([("online_dpo", online_config)], dirs, runner=online_dpo.run)
+    # One online DPO run per scorer, all from the SFT policy: the gold oracle, and the reward model
+    # (whose mistakes a policy learns to exploit when optimised against it for long).
+    plan = [(stage, _stage_config(config, "online_dpo", p.online_iterations * config.online_dpo.steps_per_iteration,
+                                  p.online_learning_rate,
+                                  **{"train.init_from": dirs["sft"], "data.batch_size": p.dpo_batch_size,
+                                     "online_dpo.scorer": scorer, "online_dpo.reward_model_from": dirs["reward"]}))
+            for stage, scorer in zip(online_stages, scorers)]
+    _run_stages(plan, dirs, runner=online_dpo.run)
 
-    rows = evaluate_policies(config, workdir, dirs, dirs["reward"])
+    policy_dirs = {stage: dirs[stage] for stage in ("sft", "dpo", *online_stages)}
+    rows = evaluate_policies(config, policy_dirs, dirs["reward"])
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(rows, f, indent=2)
     print(format_table(rows), flush=True)
