@@ -47,11 +47,11 @@ class Scorer:
     def __init__(self, config):
         self.kind = config.online_dpo.scorer
         if self.kind == "reward_model":
-            from llm_jax import sample  # the reward model's own run: config, architecture, weights
             if not config.online_dpo.reward_model_from:
                 raise ValueError("online_dpo.reward_model_from must name the reward model's workdir "
                                  "(or set online_dpo.scorer='gold')")
-            self.exp, self.params = sample.load_run(config.online_dpo.reward_model_from)
+            # The reward model's own run: its config, architecture and newest weights.
+            self.exp, self.params = train.load_run(config.online_dpo.reward_model_from)
             self.seq_len = self.exp.config.data.seq_len
         elif self.kind != "gold":
             raise ValueError(f"online_dpo.scorer must be 'reward_model' or 'gold', got {self.kind!r}")

@@ -12,15 +12,12 @@ jitted loop). An empty prompt starts from EOS, the separator the model saw betwe
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 
-from llm_jax import checkpoint, config_lib, sampling, sharding, train
+from llm_jax import sampling, sharding, train
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,27 +33,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     return p.parse_args(argv)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's config: its config.json merged onto `base_config()`, so keys added to the
-    skeleton since the run was trained take their defaults."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir: {path} not found; is {workdir} a training run's workdir?")
-    with open(path) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
-    config = config_lib.base_config()
-    config.update(saved)
-    return config
-
-
-def load_run(workdir: str):
-    """(experiment, params) of the newest checkpoint, sharded as the training loop shards them."""
-    config = load_config(workdir)
-    exp = train.build_experiment(config)
-    abstract_params = train.state_shardings_and_init(exp, config.seed)[0].params
-    return exp, checkpoint.restore_params(workdir, abstract_params, field="--workdir")
 
 
 def sample_texts(exp, params, prompts: Sequence[str], *, num_samples: int, max_new_tokens: int, seed: int,
@@ -85,7 +61,7 @@ def sample_texts(exp, params, prompts: Sequence[str], *, num_samples: int, max_n
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     try:
-        exp, params = load_run(args.workdir)
+        exp, params = train.load_run(args.workdir)
         completions = sample_texts(exp, params, args.prompt, num_samples=args.num_samples,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

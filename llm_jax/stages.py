@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import config_lib, evaluation, metrics, online_dpo, sample, train
+from llm_jax import config_lib, evaluation, metrics, online_dpo, train
 from llm_jax.data import jsonl, tasks
 
 def _stage_config(config, task: str, steps: int, learning_rate: float, **fields) -> ml_collections.ConfigDict:
@@ -58,7 +58,7 @@ def annotate(config, workdir: str, sft_dir: str) -> tuple[str, str]:
     paths = (os.path.join(workdir, "rankings_train.jsonl"), os.path.join(workdir, "rankings_eval.jsonl"))
     if all(os.path.exists(path) for path in paths):
         return paths
-    exp, params = sample.load_run(sft_dir)
+    exp, params = train.load_run(sft_dir)
     settings = evaluation.SamplingSettings(max_new_tokens=p.max_new_tokens, temperature=1.0,
                                            batch_size=p.sampling_batch_size)
     for split, path, n in (("train", paths[0], p.annotated_prompts), ("eval", paths[1], config.data.num_eval_examples)):
@@ -91,8 +91,8 @@ def evaluate_policies(config, stage_dirs: dict[str, str], reward_dir: str) -> li
     p = config.pipeline
     prompts = [e.prompt for e in tasks.make_examples(_task_names(config), config.data.num_eval_examples,
                                                      config.seed + 2, split="eval")] * p.eval_samples
-    sft_exp, sft_params = sample.load_run(stage_dirs["sft"])
-    rm_exp, rm_params = sample.load_run(reward_dir)
+    sft_exp, sft_params = train.load_run(stage_dirs["sft"])
+    rm_exp, rm_params = train.load_run(reward_dir)
     greedy = evaluation.SamplingSettings(max_new_tokens=p.max_new_tokens, greedy=True,
                                          batch_size=p.sampling_batch_size)
     sampled = evaluation.SamplingSettings(max_new_tokens=p.max_new_tokens, temperature=1.0,
@@ -100,7 +100,7 @@ def evaluate_policies(config, stage_dirs: dict[str, str], reward_dir: str) -> li
     seq_len = config.data.seq_len
     rows, rewards = [], {}
     for stage in stage_dirs:  # sft first: the others are compared with it
-        exp, params = sample.load_run(stage_dirs[stage])
+        exp, params = train.load_run(stage_dirs[stage])
         samples, _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, sampled,
                                                  rng=jax.random.key(1), mesh=exp.mesh)
         greedy_answers, _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, greedy,

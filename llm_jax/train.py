@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import linen as nn
@@ -260,3 +263,24 @@ def run(config, workdir: str) -> dict[str, float]:
     writer.close()
     manager.close()
     return last
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config: its config.json merged onto `base_config()`, so keys added to the
+    skeleton since the run was trained take their defaults."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir: {path} not found; is {workdir} a training run's workdir?")
+    with open(path) as f:
+        saved = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.base_config()
+    config.update(saved)
+    return config
+
+
+def load_run(workdir: str):
+    """(experiment, params) of the newest checkpoint, sharded as the training loop shards them."""
+    config = load_config(workdir)
+    exp = build_experiment(config)
+    abstract_params = state_shardings_and_init(exp, config.seed)[0].params
+    return exp, checkpoint.restore_params(workdir, abstract_params, field="--workdir")

@@ -109,13 +109,13 @@ def test_online_dpo_improves_gold_reward(tiny_config, tmp_path):
     assert len(logged) == 6 and all(r["online/pairs"] > 0 for r in logged[:2])
 
     # Held-out prompts, 4 samples each: the online policy's mean gold reward beats the SFT policy's.
-    from llm_jax import evaluation, sample
+    from llm_jax import evaluation
     from llm_jax.data import tasks
     prompts = [e.prompt for e in tasks.make_examples(["count"], 64, seed=7, split="eval")] * 4
     settings = evaluation.SamplingSettings(max_new_tokens=4, batch_size=256)
     gold = {}
     for stage in ("sft", "online"):
-        exp, params = sample.load_run(str(tmp_path / stage))
+        exp, params = train.load_run(str(tmp_path / stage))
         answers, _ = evaluation.sample_responses(exp.model, params, exp.tokenizer, prompts, settings,
                                                  rng=jax.random.key(0), mesh=exp.mesh)
         gold[stage] = evaluation.gold_scores(prompts, answers)["gold_reward"]
