@@ -46,13 +46,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, when loaded by path
+from bench_util import csv_list, machine_info, rss_peak_bytes, run_child  # noqa: E402
 
 # Runnable from a checkout without `pip install -e .`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +74,6 @@ _DESCRIPTIONS = {
 # Flags
 # ----------------------------------------------------------------------------------------------
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of child processes, kinds taking turns; the table shows medians over rounds")
-    p.add_argument("--rows", type=_csv, default=list(KINDS), help=f"step rows, from {KINDS}")
+    p.add_argument("--rows", type=csv_list, default=list(KINDS), help=f"step rows, from {KINDS}")
     p.add_argument("--seed", type=int, default=0)
     # Table 2: online DPO.
     p.add_argument("--online_iterations", type=int, default=3, help="online-DPO iterations; 0 skips table 2")
@@ -190,10 +189,6 @@ def as_sft_batch(pair_batch: dict) -> dict:
     return {key: pair_batch[key].reshape(-1, pair_batch[key].shape[-1]) for key in ("tokens", "mask", "loss_mask")}
 
 
-def _rss_peak_bytes() -> int:
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def _unused(*_):
@@ -302,7 +297,7 @@ def run_row(kind: str, *, size: str = "tiny", batch_size: int = 16, seq_len: int
     row.update(step_time_ms=step_time * 1e3, step_time_ms_min=min(times) * 1e3, step_time_ms_max=max(times) * 1e3,
                step_time_ms_mean=statistics.fmean(times) * 1e3, step_times_ms=[t * 1e3 for t in times],
                tokens_per_sec=row["tokens_per_step"] / step_time, first_loss=first_loss, loss=loss,
-               peak_rss_mib=_rss_peak_bytes() / 2**20)
+               peak_rss_mib=rss_peak_bytes() / 2**20)
     return row
 
 
@@ -396,45 +391,21 @@ def _online_flags(args) -> list[str]:
             f"--online_steps_per_iteration={args.online_steps_per_iteration}"]
 
 
-def _last_lines(text: str, n: int = 3) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines[-n:])
 
 
-def parse_child_output(stdout: str, marker: str) -> dict | None:
-    """The JSON object on the last line that starts with `marker`, or None."""
-    found = None
-    for line in stdout.splitlines():
-        if line.startswith(marker):
-            found = json.loads(line[len(marker):])
-    return found
 
 
-def _run_child(argv: list[str], marker: str, *, timeout: float, env=None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or None, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    result = parse_child_output(proc.stdout, marker)
-    if result is not None:
-        return result
-    if proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
-    else:
-        why = f"exited with code {proc.returncode}"
-    return {"error": f"child process {why}: {_last_lines(proc.stderr or proc.stdout) or 'no output'}"}
 
 
 def run_row_subprocess(args, kind: str, *, env=None) -> dict:
     """One step row in a fresh interpreter; a failure (exception, OOM kill, timeout) becomes `error`."""
-    row = _run_child([f"--_single_row={kind}", *_common_flags(args)], _ROW_MARKER, timeout=args.row_timeout,
+    row = run_child(__file__, [f"--_single_row={kind}", *_common_flags(args)], _ROW_MARKER, timeout=args.row_timeout,
                      env=env)
     return {"kind": kind, **row}
 
 
 def run_online_subprocess(args, *, env=None) -> dict:
-    return _run_child(["--_online", *_common_flags(args), *_online_flags(args)], _ONLINE_MARKER,
+    return run_child(__file__, ["--_online", *_common_flags(args), *_online_flags(args)], _ONLINE_MARKER,
                       timeout=args.row_timeout, env=env)
 
 
@@ -555,16 +526,6 @@ def format_online_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "system": platform.system(), "load_average": load}
 
 
 def aggregate_runs(runs: list[list[dict]]) -> list[dict]:
@@ -627,7 +588,7 @@ def main(argv=None) -> int:
         return 0
 
     command = "python benchmarks/post_training_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    machine = _machine()
+    machine = machine_info()
     print(f"{machine['cpu_count']} CPUs ({machine['cpu']}), load average {machine['load_average']}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = run_step_rows(args)

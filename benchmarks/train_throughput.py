@@ -20,12 +20,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, when loaded by path
+from bench_util import csv_list, machine_info, rss_peak_bytes, run_child  # noqa: E402
 
 # Runnable from a checkout without `pip install -e .`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,16 +43,14 @@ STYLES = ("gpt2", "llama", "bert")
 # Flags
 # ----------------------------------------------------------------------------------------------
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", type=_csv, default=_csv("nano,tiny,mini"),
+    p.add_argument("--sizes", type=csv_list, default=csv_list("nano,tiny,mini"),
                    help="comma-separated rows of llm_jax.model.SIZES")
-    p.add_argument("--dtypes", type=_csv, default=_csv("float32"), help=f"compute dtypes, from {DTYPES}")
+    p.add_argument("--dtypes", type=csv_list, default=csv_list("float32"), help=f"compute dtypes, from {DTYPES}")
     p.add_argument("--batch_size", type=int, default=16, help="global batch (data.batch_size)")
     p.add_argument("--seq_len", type=int, default=256, help="data.seq_len")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
@@ -114,16 +113,6 @@ def make_config(size: str, dtype: str, *, batch_size: int, seq_len: int, style: 
     return config
 
 
-def _rss_peak_bytes() -> int:
-    """This process' peak resident set size (monotone over the process' life)."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        import psutil
-        info = psutil.Process().memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
 
 
 def _device_peak_bytes(devices) -> int | None:
@@ -169,7 +158,7 @@ def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, 
     row = dict(size=size, dtype=dtype, style=style, remat=remat, attention_impl=attention_impl,
                batch_size=batch_size, seq_len=seq_len, steps=steps, warmup=warmup)
     jax.devices()  # initialise the backend before the baseline memory reading
-    row["baseline_rss_mib"] = _rss_peak_bytes() / 2**20
+    row["baseline_rss_mib"] = rss_peak_bytes() / 2**20
 
     config = make_config(size, dtype, batch_size=batch_size, seq_len=seq_len, style=style, remat=remat,
                          attention_impl=attention_impl, seed=seed, peak_flops=peak_flops)
@@ -225,7 +214,7 @@ def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, 
         # The training loop's train/mfu, term for term.
         mfu=metrics.mfu(tokens_per_sec, flops_per_token, peak, num_devices),
         loss=loss,
-        peak_memory_mib=(device_peak if device_peak is not None else _rss_peak_bytes()) / 2**20,
+        peak_memory_mib=(device_peak if device_peak is not None else rss_peak_bytes()) / 2**20,
         memory_kind="device peak_bytes_in_use (max over devices)" if device_peak is not None else "process peak RSS",
     )
     return row
@@ -256,34 +245,10 @@ def _common_flags(args) -> list[str]:
             f"--attention_impl={args.attention_impl}", f"--seed={args.seed}"]
 
 
-def _last_lines(text: str, n: int = 3) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines[-n:])
 
 
-def parse_child_output(stdout: str, marker: str) -> dict | None:
-    """The JSON object on the last line that starts with `marker`, or None."""
-    found = None
-    for line in stdout.splitlines():
-        if line.startswith(marker):
-            found = json.loads(line[len(marker):])
-    return found
 
 
-def _run_child(argv: list[str], marker: str, *, timeout: float, env=None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or None, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    result = parse_child_output(proc.stdout, marker)
-    if result is not None:
-        return result
-    if proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
-    else:
-        why = f"exited with code {proc.returncode}"
-    return {"error": f"child process {why}: {_last_lines(proc.stderr or proc.stdout) or 'no output'}"}
 
 
 def run_row_subprocess(args, size: str, dtype: str, peak: dict | None = None, *, env=None) -> dict:
@@ -293,7 +258,7 @@ def run_row_subprocess(args, size: str, dtype: str, peak: dict | None = None, *,
         argv += [f"--peak_flops={peak['peak_flops_per_device']!r}", f"--_peak_source={peak['peak_source']}"]
     elif args.peak_flops > 0:
         argv += [f"--peak_flops={args.peak_flops!r}"]
-    row = _run_child(argv, _ROW_MARKER, timeout=args.row_timeout, env=env)
+    row = run_child(__file__, argv, _ROW_MARKER, timeout=args.row_timeout, env=env)
     return {"size": size, "dtype": dtype, **row}
 
 
@@ -364,15 +329,6 @@ def _peak_lines(peak_info: dict) -> list[str]:
             for (peak, source), dtypes in by_figure.items()]
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "system": platform.system()}
 
 
 def main(argv=None) -> int:
@@ -382,12 +338,12 @@ def main(argv=None) -> int:
         return 0
 
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    peak_info = _run_child([f"--dtypes={','.join(args.dtypes)}", f"--peak_flops={args.peak_flops!r}",
+    peak_info = run_child(__file__, [f"--dtypes={','.join(args.dtypes)}", f"--peak_flops={args.peak_flops!r}",
                             "--_peak_only"], _PEAK_MARKER, timeout=args.row_timeout)
     if "error" in peak_info:
         print(f"could not get the peak FLOP/s: {peak_info['error']}", file=sys.stderr)
         return 1
-    machine = _machine()
+    machine = machine_info()
     print(f"{peak_info['platform']} x{peak_info['device_count']} ({peak_info['device_kind']}), "
           f"jax {peak_info['jax_version']}, {machine['cpu_count']} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"style={args.style} batch={args.batch_size} seq_len={args.seq_len} steps={args.steps} "
