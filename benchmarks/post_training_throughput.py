@@ -305,16 +305,6 @@ def run_row(kind: str, *, size: str = "tiny", batch_size: int = 16, seq_len: int
 # Table 2: online DPO, in this process
 # ----------------------------------------------------------------------------------------------
 
-def _override(config, **overrides):
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
-
-
 def online_configs(args, sft_dir: str):
     """(SFT config, online-DPO config): a short SFT run on the embedded tasks, then online DPO from it
     with the gold scorer."""
@@ -325,19 +315,19 @@ def online_configs(args, sft_dir: str):
               "data.batch_size": args.online_batch_size, "data.tasks": args.online_tasks, "data.num_examples": 512,
               "data.num_eval_examples": 16, "data.prefetch": 0, "train.log_every": 1, "train.eval_batches": 1,
               "train.progress": False, "train.keep_checkpoints": 1}
-    sft = _override(config_lib.base_config(), **common, **{
+    sft = config_lib.set_fields(config_lib.base_config(), {**common, **{
         "task": "sft", "train.num_steps": args.online_sft_steps, "train.eval_every": args.online_sft_steps,
         "train.checkpoint_every": args.online_sft_steps, "optimizer.learning_rate": 3e-3,
-        "optimizer.warmup_steps": min(10, args.online_sft_steps // 10)})
+        "optimizer.warmup_steps": min(10, args.online_sft_steps // 10)}})
     num_steps = args.online_iterations * args.online_steps_per_iteration
-    online = _override(config_lib.base_config(), **common, **{
+    online = config_lib.set_fields(config_lib.base_config(), {**common, **{
         "task": "online_dpo", "train.init_from": sft_dir, "train.num_steps": num_steps,
         "train.eval_every": num_steps, "train.checkpoint_every": num_steps, "optimizer.learning_rate": 1e-4,
         "optimizer.warmup_steps": 0, "online_dpo.scorer": "gold",
         "online_dpo.steps_per_iteration": args.online_steps_per_iteration,
         "online_dpo.prompts_per_iteration": args.online_prompts,
         "online_dpo.samples_per_prompt": args.online_samples,
-        "online_dpo.max_new_tokens": args.online_new_tokens})
+        "online_dpo.max_new_tokens": args.online_new_tokens}})
     return sft, online
 
 

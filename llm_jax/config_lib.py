@@ -160,6 +160,17 @@ def apply_presets(config: ml_collections.ConfigDict, arg: str | None, presets: d
     return config
 
 
+def set_fields(config, fields: dict):
+    """Sets dotted keys, `{"optimizer.learning_rate": 1e-3}`, as `--config.a.b=value` would."""
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
 def set_size(config, size: str) -> None:
     if size not in model_lib.SIZES:
         raise ValueError(f"size must be one of {sorted(model_lib.SIZES)}, got {size!r}")

@@ -34,13 +34,7 @@ def _stage_config(config, task: str, steps: int, learning_rate: float, **fields)
     stage.optimizer.learning_rate = learning_rate
     stage.optimizer.warmup_steps = min(stage.optimizer.warmup_steps, steps // 10)
     stage.train.eval_every = stage.train.checkpoint_every = steps
-    for key, value in fields.items():
-        node = stage
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return stage
+    return config_lib.set_fields(stage, fields)
 
 
 def _run_stages(plan, dirs: dict[str, str], runner=None) -> None:

@@ -27,13 +27,7 @@ def make_tiny_config(**overrides):
     config.train.eval_batches = 2
     config.train.checkpoint_every = 3
     config.train.progress = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    return config_lib.set_fields(config, overrides)
 
 
 @pytest.fixture
