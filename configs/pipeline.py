@@ -3,7 +3,7 @@
 
     python -m llm_jax.main --config=configs/pipeline.py --workdir=runs/pipeline
 
-About 15 minutes on 2 CPU cores. Stage lengths are `config.pipeline.*`; `size=` changes the model
+About 9 minutes on 2 CPU cores. Stage lengths are `config.pipeline.*`; `size=` changes the model
 for every stage (e.g. `configs/pipeline.py:size=small` on an accelerator).
 """
 import ml_collections
