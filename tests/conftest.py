@@ -62,3 +62,25 @@ def assert_same_batches(batches_a, batches_b):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ loaded as a module (they are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def single_device_env(*extra_xla_flags: str) -> dict:
+    """The environment without conftest's 8 fake devices, for benchmark child processes: their
+    small batches cannot split over 8 devices, and one device gets the host's whole peak."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + list(extra_xla_flags))
+    env["JAX_PLATFORMS"] = "cpu"
+    return env

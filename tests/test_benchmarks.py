@@ -4,33 +4,15 @@ The row runs through the script's own child-process path, in a fresh interpreter
 lack conftest's 8 fake devices: a batch of 2 cannot split over 8 devices, and one device gets the
 host's whole measured peak, so the MFU is a real one.
 """
-import importlib.util
-import os
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _single_device_env():
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+from conftest import load_benchmark, single_device_env
 
 
 def test_train_throughput_row_and_table():
-    bench = _load_script()
+    bench = load_benchmark("train_throughput")
     args = bench.parse_args(["--sizes=nano", "--dtypes=float32", "--batch_size=2", "--seq_len=32",
                              "--steps=2", "--warmup=1", "--row_timeout=120"])
-    row = bench.run_row_subprocess(args, "nano", "float32", env=_single_device_env())
+    row = bench.run_row_subprocess(args, "nano", "float32", env=single_device_env())
 
     assert "error" not in row, row.get("error")
     assert (row["size"], row["dtype"], row["num_devices"]) == ("nano", "float32", 1)

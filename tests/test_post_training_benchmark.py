@@ -6,36 +6,18 @@ cannot split over 8 devices) and ask XLA for its lowest backend optimisation lev
 compilation (most of the test's time) by about a third: the times are only checked to be
 positive, never compared.
 """
-import importlib.util
 import io
 import math
-import os
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "post_training_throughput.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("post_training_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _single_device_env():
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_backend_optimization_level=0"])
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+from conftest import load_benchmark, single_device_env
 
 
 def test_post_training_step_rows_and_table():
-    bench = _load_script()
+    bench = load_benchmark("post_training_throughput")
     args = bench.parse_args(["--size=nano", "--batch_size=2", "--seq_len=32", "--steps=2", "--warmup=1",
                              "--online_iterations=0", "--row_timeout=120"])
     out = io.StringIO()
-    rows = bench.run_step_rows(args, env=_single_device_env(), out=out)
+    rows = bench.run_step_rows(args, env=single_device_env("--xla_backend_optimization_level=0"), out=out)
     printed = out.getvalue().splitlines()
     assert printed[0].startswith("nano (gpt2, float32), 2 pairs x 2 x seq_len 32")
     assert "step ms (med)" in printed[1] and [line.split()[0] for line in printed[3:6]] == list(bench.KINDS)
@@ -68,7 +50,7 @@ def test_post_training_step_rows_and_table():
 
 def test_online_table_format():
     """Table 2's formatting from a metrics-like result (no run: the online loop has its own tests)."""
-    bench = _load_script()
+    bench = load_benchmark("post_training_throughput")
     result = {"iterations": [{"iteration": 1, "sample_s": 3.0, "train_s": 1.0, "pairs": 10},
                              {"iteration": 2, "sample_s": 1.0, "train_s": 1.0, "pairs": 12},
                              {"iteration": 3, "sample_s": 2.0, "train_s": 2.0, "pairs": 14}]}
