@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.d_ff = 0  # 0 -> 4 d_model (gelu) or ~8/3 d_model (swiglu)
     m.max_len = 0  # 0 -> data.seq_len
     m.vocab_multiple = 64  # pad the tokenizer's vocabulary up to a multiple of this
+    m.vocab_size = 0  # 0 -> the tokenizer's, padded as above; > 0: exactly this many embedding rows
     m.norm = ""  # '' -> style default: 'layernorm' | 'rmsnorm'
     m.norm_eps = 0.0  # 0 -> style default
     m.mlp = ""  # 'gelu' | 'swiglu'
@@ -49,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.mlm_head_transform = config_dict.placeholder(bool)
     m.dropout = 0.0
     m.attention_impl = "einsum"  # 'einsum' | 'xla' | 'cudnn' (jax.nn.dot_product_attention)
+    # einsum attention of decoders: queries in blocks of this many, each scored only against the
+    # keys it may see (skips the causal mask's upper triangle); 0 = all at once
+    m.attention_block = 128
     m.remat = "none"  # 'none' | 'full' | 'dots': rematerialise each block in the backward pass
     m.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU)
     m.param_dtype = "float32"
@@ -241,7 +245,11 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         raise ValueError(f"data.batch_size per data-parallel shard ({d.batch_size // dp}) must be "
                          f"divisible by optimizer.grad_accum_steps ({o.grad_accum_steps})")
 
-    model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size=256, seq_len=d.seq_len)
+    if config.model.vocab_size < 0:
+        raise ValueError(f"model.vocab_size must be >= 0 (0 = the tokenizer's), got {config.model.vocab_size}")
+    # The tokenizer is not loaded yet: a byte-sized stand-in checks divisibility; train.py re-checks.
+    model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size=min(256, config.model.vocab_size or 256),
+                                                        seq_len=d.seq_len)
     if d.seq_len > model_cfg.max_len:
         raise ValueError(f"data.seq_len ({d.seq_len}) exceeds model.max_len ({model_cfg.max_len})")
     tensor = shape["tensor"]
@@ -249,7 +257,7 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
         if getattr(model_cfg, field) % tensor:
             raise ValueError(f"model.{field} ({getattr(model_cfg, field)}) must be divisible by mesh.tensor ({tensor})")
     if model_cfg.vocab_size % tensor:
-        raise ValueError(f"model.vocab_multiple ({config.model.vocab_multiple}) must make the vocabulary "
+        raise ValueError(f"model.vocab_size / model.vocab_multiple must make the vocabulary ({model_cfg.vocab_size}) "
                          f"divisible by mesh.tensor ({tensor})")
     if model_cfg.d_model % shape["fsdp"]:
         raise ValueError(f"model.d_model ({model_cfg.d_model}) must be divisible by mesh.fsdp ({shape['fsdp']})")

@@ -90,6 +90,7 @@ class TransformerConfig:
     head: str = "lm"  # 'lm': logits over the vocabulary; 'scalar': one reward per sequence
     dropout: float = 0.0
     attention_impl: str = "einsum"
+    attention_block: int = 0  # einsum attention of decoders: causal query blocks (0 = one block)
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -105,6 +106,8 @@ class TransformerConfig:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_block < 0:
+            raise ValueError(f"model.attention_block must be >= 0 (0 = no query blocks), got {self.attention_block}")
 
     @property
     def causal(self) -> bool:
@@ -115,7 +118,8 @@ class TransformerConfig:
         """Resolves a `config.model` ConfigDict: size and style presets fill unset fields.
 
         `vocab_size` is the tokenizer's; it is padded up to `model.vocab_multiple` so the
-        embedding shards evenly and matmuls get friendly shapes (nanoGPT's 50304).
+        embedding shards evenly and matmuls get friendly shapes (nanoGPT's 50304), unless
+        `model.vocab_size` sets the table's size exactly (a checkpoint's, or a benchmark's).
         """
         if model_cfg.size not in SIZES:
             raise ValueError(f"model.size must be one of {sorted(SIZES)}, got {model_cfg.size!r}")
@@ -138,8 +142,12 @@ class TransformerConfig:
         multiple = model_cfg.vocab_multiple
         if multiple < 1:
             raise ValueError(f"model.vocab_multiple must be >= 1, got {multiple}")
+        table_size = model_cfg.get("vocab_size", 0) or _round_up(vocab_size, multiple)
+        if table_size < vocab_size:
+            raise ValueError(f"model.vocab_size ({table_size}) is smaller than the tokenizer's vocabulary "
+                             f"({vocab_size})")
         return cls(
-            vocab_size=_round_up(vocab_size, multiple),
+            vocab_size=table_size,
             d_model=d_model,
             n_layers=pick("n_layers", size["n_layers"]),
             n_heads=n_heads,
@@ -163,6 +171,7 @@ class TransformerConfig:
             mlm_head_transform=pick("mlm_head_transform", style["mlm_head_transform"]),
             dropout=model_cfg.dropout,
             attention_impl=model_cfg.attention_impl,
+            attention_block=model_cfg.get("attention_block", 0),
             remat=model_cfg.remat,
             dtype=model_cfg.dtype,
             param_dtype=model_cfg.param_dtype,
@@ -275,7 +284,10 @@ class Attention(nn.Module):
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("act_batch", "act_length", "act_heads", None))
 
         if cfg.attention_impl == "einsum":
-            out_BxLxHxE = _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS)
+            # Blocks only where the mask is causal over the input itself (not when decoding).
+            causal_block = cfg.attention_block if cfg.causal and cache_index is None else 0
+            out_BxLxHxE = _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS,
+                                            causal_block=causal_block)
         else:
             out_BxLxHxE = jax.nn.dot_product_attention(
                 q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask=allowed_Bx1xLxS,
@@ -325,18 +337,44 @@ class HeadsToModel(nn.Module):
         return y_BxLxD
 
 
-def _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS):
-    """Plain softmax attention; grouped-query heads share K/V without copying them."""
+def _einsum_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, allowed_Bx1xLxS, *, causal_block: int = 0):
+    """Softmax attention from batched einsums; grouped-query heads share K/V without copying them.
+
+    Laid out for XLA's CPU dot kernels, measured (benchmarks/README.md, "attention"): heads
+    before positions (B K G L E), so each batched matmul reads contiguous [L, E] tiles; the
+    1/sqrt(E) scale applied to q (L x E numbers) rather than to the scores (L x S).
+
+    `causal_block` > 0 (a causal mask over the same L = S positions, i.e. training, not
+    decoding): queries go in blocks of that many, and block i computes scores only against keys
+    [0, (i + 1) * block), the ones it may see, skipping the masked upper triangle: 5/8 of the
+    score work at L = 4 blocks. Exact for every query that sees at least one key; a query with
+    no allowed key at all (padding) gets uniform weights over its block's keys instead of all.
+    """
     B, L, H, E = q_BxLxHxE.shape
-    K = k_BxSxKxE.shape[2]
-    q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
-    scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, k_BxSxKxE) / np.sqrt(E).astype(q_BxLxHxE.dtype)
-    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32)
-    # A finite "minus infinity" keeps fully masked rows (padding queries) free of NaNs.
-    scores_BxKxGxLxS = jnp.where(allowed_Bx1xLxS[:, :, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
-    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS, v_BxSxKxE)
-    return out_BxLxKxGxE.reshape(B, L, H, E)
+    S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
+    G = H // K
+    q_BxKxGxLxE = (q_BxLxHxE * np.asarray(1 / np.sqrt(E), q_BxLxHxE.dtype)).reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
+    k_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3)
+    v_BxKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3)
+    allowed_Bx1x1xLxS = allowed_Bx1xLxS[:, :, None]
+
+    def attend(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, allowed_Bx1x1xLxS):
+        scores_BxKxGxLxS = jnp.einsum("bkgle,bkse->bkgls", q_BxKxGxLxE, k_BxKxSxE).astype(jnp.float32)
+        # A finite "minus infinity" keeps fully masked rows (padding queries) free of NaNs.
+        scores_BxKxGxLxS = jnp.where(allowed_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+        probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxKxSxE.dtype)
+        return jnp.einsum("bkgls,bkse->bkgle", probs_BxKxGxLxS, v_BxKxSxE)
+
+    if causal_block and L == S and L > causal_block and L % causal_block == 0:
+        blocks = []
+        for start in range(0, L, causal_block):
+            end = start + causal_block  # keys past the block's last query are all masked
+            blocks.append(attend(q_BxKxGxLxE[:, :, :, start:end], k_BxKxSxE[:, :, :end], v_BxKxSxE[:, :, :end],
+                                 allowed_Bx1x1xLxS[:, :, :, start:end, :end]))
+        out_BxKxGxLxE = jnp.concatenate(blocks, axis=3)
+    else:
+        out_BxKxGxLxE = attend(q_BxKxGxLxE, k_BxKxSxE, v_BxKxSxE, allowed_Bx1x1xLxS)
+    return out_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
 
 
 class Mlp(nn.Module):

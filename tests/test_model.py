@@ -162,10 +162,41 @@ def test_config_presets_and_overrides():
     ({"norm": "batchnorm"}, "model.norm"),
     ({"size": "huge"}, "model.size"),
     ({"attention_impl": "flash"}, "model.attention_impl"),
+    ({"attention_block": -1}, "model.attention_block"),
+    ({"vocab_size": 100}, "model.vocab_size"),
 ])
 def test_invalid_model_fields_are_named(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         make_cfg(**overrides)
+
+
+@pytest.mark.parametrize("style,extra", [("gpt2", {}), ("llama", {"n_kv_heads": 1})])
+def test_causal_query_blocks_match_one_block(style, extra):
+    """Blocked causal attention (each query block scored only against the keys it may see) gives
+    the unblocked logits and gradients for every real token, with padding and packed segments."""
+    tokens = random_tokens((2, 16), seed=3)
+    mask = jnp.ones((2, 16), jnp.int32).at[1, 13:].set(0)
+    segment_ids = jnp.array([[1] * 7 + [2] * 9, [1] * 16])
+    positions = jnp.array([list(range(7)) + list(range(9)), list(range(16))])
+    blocked, whole = make_cfg(style, attention_block=4, **extra), make_cfg(style, attention_block=0, **extra)
+    params = init(whole, tokens)
+
+    def loss_and_logits(cfg, params):
+        logits = Transformer(cfg).apply({"params": params}, tokens, mask_BxL=mask, segment_ids_BxL=segment_ids,
+                                        positions_BxL=positions)
+        return jnp.sum(jnp.where(mask[..., None] == 1, logits, 0.0) ** 2), logits
+
+    (loss_b, logits_b), grads_b = jax.value_and_grad(loss_and_logits, argnums=1, has_aux=True)(blocked, params)
+    (loss_w, logits_w), grads_w = jax.value_and_grad(loss_and_logits, argnums=1, has_aux=True)(whole, params)
+    real = mask == 1
+    np.testing.assert_allclose(np.asarray(logits_b)[real], np.asarray(logits_w)[real], atol=1e-5)
+    np.testing.assert_allclose(loss_b, loss_w, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads_b, grads_w)
+
+
+def test_vocab_size_sets_the_table_exactly():
+    assert make_cfg(vocab_size=300).vocab_size == 300
+    assert make_cfg().vocab_size == 320
 
 
 def test_packed_examples_do_not_see_each_other():
