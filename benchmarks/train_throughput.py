@@ -92,8 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_config(size: str, dtype: str, *, batch_size: int, seq_len: int, style: str = "gpt2",
                 remat: str = "none", attention_impl: str = "einsum", seed: int = 0,
-                peak_flops: float = 0.0):
-    """The training config a row benchmarks: base_config() with the model and data fields set."""
+                peak_flops: float = 0.0, model_fields: dict | None = None):
+    """The training config a row benchmarks: base_config() with the model and data fields set
+    (`model_fields`, e.g. {"d_model": 512}, set further `config.model` keys)."""
     from llm_jax import config_lib
 
     config = config_lib.base_config()
@@ -110,6 +111,7 @@ def make_config(size: str, dtype: str, *, batch_size: int, seq_len: int, style: 
     config.data.batch_size = batch_size
     config.train.peak_flops_per_device = peak_flops
     config.train.progress = False
+    config_lib.set_fields(config, {f"model.{k}": v for k, v in (model_fields or {}).items()})
     return config
 
 
@@ -142,13 +144,20 @@ def _random_batches(rng, count: int, local_rows: int, seq_len: int, vocab_size: 
 
 def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
             warmup: int = 2, style: str = "gpt2", remat: str = "none", attention_impl: str = "einsum",
-            seed: int = 0, peak_flops: float = 0.0, peak_source: str = "") -> dict:
+            seed: int = 0, peak_flops: float = 0.0, peak_source: str = "", model_fields: dict | None = None,
+            vocab_size: int = 0) -> dict:
     """Benchmarks one size x dtype in this process and returns the row as a dict.
+
+    `vocab_size` > 0 gives the embedding exactly that many rows and draws the random tokens from
+    all of them, whatever the byte tokenizer's size, so a row can match another implementation's
+    shapes (compare_torch.py).
 
     `peak_flops` > 0 is used as is (reported with `peak_source`); otherwise the peak comes from
     `metrics.peak_flops_per_device`, exactly as the training loop gets it.
     Peak memory is meaningful only when this process ran nothing else (the CLI's child process).
     """
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -161,8 +170,11 @@ def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, 
     row["baseline_rss_mib"] = rss_peak_bytes() / 2**20
 
     config = make_config(size, dtype, batch_size=batch_size, seq_len=seq_len, style=style, remat=remat,
-                         attention_impl=attention_impl, seed=seed, peak_flops=peak_flops)
+                         attention_impl=attention_impl, seed=seed, peak_flops=peak_flops, model_fields=model_fields)
     exp = train.build_experiment(config)
+    if vocab_size:
+        model_cfg = dataclasses.replace(exp.model_cfg, vocab_size=vocab_size)
+        exp = dataclasses.replace(exp, model_cfg=model_cfg, model=model_lib.Transformer(model_cfg))
     devices = list(exp.mesh.devices.flat)
     num_devices = len(devices)
     flops_per_token = metrics.flops_per_token(exp.model_cfg, seq_len)
@@ -186,7 +198,7 @@ def run_row(size: str, dtype: str, *, batch_size: int = 16, seq_len: int = 256, 
         # random number generator or the host-to-device copy (the loop overlaps those with compute).
         batches = [sharding.shard_host_batch(b, batch_sharding)
                    for b in _random_batches(rng, min(4, warmup + steps), local_rows, seq_len,
-                                            exp.tokenizer.vocab_size)]
+                                            vocab_size or exp.tokenizer.vocab_size)]
 
         start = time.perf_counter()
         lowered = train_step.lower(state, batches[0])
