@@ -24,6 +24,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "bench": ["psutil>=5.9"],
+        # compare_torch.py's peers: CPU torch (pip install torch --index-url
+        # https://download.pytorch.org/whl/cpu keeps the download small) and transformers.
+        "bench": ["psutil>=5.9", "torch>=2.4", "transformers>=4.44"],
     },
 )
