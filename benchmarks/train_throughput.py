@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model.style; 'bert' benchmarks the encoder with the mlm task")
     p.add_argument("--remat", default="none", help="model.remat: none | full | dots")
     p.add_argument("--attention_impl", default="einsum", help="model.attention_impl: einsum | xla | cudnn")
+    p.add_argument("--vocab_size", type=int, default=0,
+                   help="embedding rows, random tokens drawn from all of them (0 = the byte tokenizer's, padded); "
+                        "50304 for GPT-2's padded vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="peak FLOP/s per device for MFU (like train.peak_flops_per_device); "
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for dtype in args.dtypes:
         if dtype not in DTYPES:
             p.error(f"--dtypes: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if args.vocab_size < 0:
+        p.error("--vocab_size must be >= 0")
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -254,7 +259,7 @@ def measure_peaks(dtypes, override: float = 0.0) -> dict:
 def _common_flags(args) -> list[str]:
     return [f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}", f"--steps={args.steps}",
             f"--warmup={args.warmup}", f"--style={args.style}", f"--remat={args.remat}",
-            f"--attention_impl={args.attention_impl}", f"--seed={args.seed}"]
+            f"--attention_impl={args.attention_impl}", f"--seed={args.seed}", f"--vocab_size={args.vocab_size}"]
 
 
 
@@ -288,7 +293,7 @@ def _child_main(args) -> None:
         row = run_row(size, dtype, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                       warmup=args.warmup, style=args.style, remat=args.remat,
                       attention_impl=args.attention_impl, seed=args.seed, peak_flops=args.peak_flops,
-                      peak_source=args._peak_source)
+                      peak_source=args._peak_source, vocab_size=args.vocab_size)
     except Exception as e:  # noqa: BLE001  (every failure becomes the row's error)
         traceback.print_exc()
         message = " ".join(f"{type(e).__name__}: {e}".split())
