@@ -3,10 +3,12 @@
 `--config` takes a config file with an optional argument (`configs/quickstart.py:size=tiny`) and
 any field can be overridden with `--config.optimizer.learning_rate=1e-3`.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import online_dpo, stages, train
+from llm_jax import online_dpo, preemption, stages, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<job>.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go; a run resumes from it.")
@@ -24,7 +26,11 @@ def main(argv):
     # each has a driver of its own; every other task runs through the one training loop.
     runners = {"online_dpo": online_dpo.run, "pipeline": stages.run}
     runner = runners.get(config.task, train.run)
-    runner(config, _WORKDIR.value)
+    try:
+        runner(config, _WORKDIR.value)
+    except preemption.Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

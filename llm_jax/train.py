@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from llm_jax import checkpoint, config_lib, metrics, optimizer, recipes, sharding, steps
+from llm_jax import checkpoint, config_lib, metrics, optimizer, preemption, recipes, sharding, steps
 from llm_jax import model as model_lib
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -235,7 +235,8 @@ def run(config, workdir: str) -> dict[str, float]:
             log(*pending)
             pending = None
 
-    with sharding.mesh_context(exp.mesh):
+    preempted = None
+    with preemption.StopSignals() as signals, sharding.mesh_context(exp.mesh):
         for step in range(start_step + 1, cfg.train.num_steps + 1):
             batch = sharding.shard_host_batch(next(train_iter), batch_sharding)
             state, step_metrics = train_step(state, batch, *recipe.extras)
@@ -258,10 +259,24 @@ def run(config, workdir: str) -> dict[str, float]:
                 flush()  # never checkpoint a state whose loss was not checked
                 checkpoint.save(manager, step, state, train_iter)
                 timer = (step, time.perf_counter())
+            # A stop signal is honoured between steps: save this step, then stop. Several processes
+            # agree at log steps (one all-gather), so they all save the same step.
+            if step < cfg.train.num_steps and (process_count == 1 or step % cfg.train.log_every == 0):
+                stop = signals.agreed(process_count)
+                if stop:
+                    flush()
+                    if step % cfg.train.checkpoint_every:  # not saved just above
+                        # A step off the log schedule had its loss unchecked: never save a NaN state.
+                        _check_finite(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
+                        checkpoint.save(manager, step, state, train_iter)
+                    preempted = preemption.Preempted(step, stop)
+                    break
         flush()
     progress.close()
     writer.close()
     manager.close()
+    if preempted is not None:
+        raise preempted
     return last
 
 
