@@ -68,3 +68,28 @@ def machine_info() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "system": platform.system(), "load_average": load}
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as one line, for a table cell or a JSON row."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def format_header(columns, left: int) -> str:
+    """A table's header and rule from (name, width, formatter) columns; the first `left` are
+    left-aligned, the rest right-aligned."""
+    head = "  ".join(f"{name:<{w}}" if i < left else f"{name:>{w}}" for i, (name, w, _) in enumerate(columns))
+    return head + "\n" + "  ".join("-" * w for _, w, _ in columns)
+
+
+def write_json_record(path: str, command: str, args, machine: dict, **fields) -> None:
+    """Writes a benchmark's `--json` file: the command, date, flags, XLA_FLAGS, machine and `fields`."""
+    import datetime
+
+    record = {"command": command, "date": datetime.date.today().isoformat(),
+              "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": machine, **fields}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"rows written to {path}")

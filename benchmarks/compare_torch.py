@@ -22,7 +22,6 @@ is better for tokens/s, lower for memory. See benchmarks/README.md for results a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import runpy
@@ -31,7 +30,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling benchmark modules
-from bench_util import csv_list, machine_info, rss_peak_bytes, run_child  # noqa: E402
+from bench_util import csv_list, error_text, machine_info, rss_peak_bytes, run_child, write_json_record  # noqa: E402
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
@@ -89,6 +88,8 @@ def llm_jax_train_row(shape: dict, args) -> dict:
 
     row = train_throughput.run_row("mini", "float32", batch_size=shape["batch_size"], seq_len=shape["seq_len"],
                                    steps=args.steps, warmup=args.warmup, seed=args.seed,
+                                   # MFU is computed by the parent against one peak for all rows: any
+                                   # positive value here just spares the child a peak measurement.
                                    peak_flops=args.peak_flops or 1.0, model_fields=_model_fields(shape),
                                    vocab_size=shape["vocab_size"])
     return {k: row[k] for k in ("params_total", "step_time_ms", "step_time_ms_min", "step_time_ms_max",
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
             row = run_row_here(kind, impl, config_name, args)
         except Exception as e:  # noqa: BLE001  (any failure becomes the row's error)
             traceback.print_exc()
-            row = {"error": " ".join(f"{type(e).__name__}: {e}".split())}
+            row = {"error": error_text(e)}
         print(_MARKER + json.dumps(row), flush=True)
         return 0
 
@@ -290,14 +291,9 @@ def main(argv=None) -> int:
         print("targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in met))
 
     if args.json:
-        record = {"command": "python benchmarks/compare_torch.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "date": datetime.date.today().isoformat(), "machine": machine, "peak": peak_row,
-                  "xla_flags": os.environ.get("XLA_FLAGS", ""), "configs": {c: CONFIGS[c] for c in args.configs},
-                  "rows": rows, "targets": dict(met)}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"rows written to {args.json}")
+        command = "python benchmarks/compare_torch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_json_record(args.json, command, args, machine, peak=peak_row,
+                          configs={c: CONFIGS[c] for c in args.configs}, rows=rows, targets=dict(met))
     return 0 if all("error" not in r for r in rows) else 2
 
 

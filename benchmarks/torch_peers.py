@@ -111,7 +111,7 @@ def train_row(impl: str, shape: dict, *, steps: int, warmup: int, seed: int, thr
         raise ValueError(f"unknown torch implementation {impl!r}")
     model.train()
     optimizer = _adamw(torch, model)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     B, T, V = shape["batch_size"], shape["seq_len"], shape["vocab_size"]
     batches = [torch.randint(0, V, (B, T), generator=generator) for _ in range(4)]

@@ -16,7 +16,6 @@ JAX_PLATFORMS are taken from the environment untouched. See benchmarks/README.md
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_util, when loaded by path
+import bench_util  # noqa: E402
 from bench_util import csv_list, machine_info, rss_peak_bytes, run_child  # noqa: E402
 
 # Runnable from a checkout without `pip install -e .`.
@@ -296,8 +296,7 @@ def _child_main(args) -> None:
                       peak_source=args._peak_source, vocab_size=args.vocab_size)
     except Exception as e:  # noqa: BLE001  (every failure becomes the row's error)
         traceback.print_exc()
-        message = " ".join(f"{type(e).__name__}: {e}".split())
-        row = {"size": size, "dtype": dtype, "error": message}
+        row = {"size": size, "dtype": dtype, "error": bench_util.error_text(e)}
     print(_ROW_MARKER + json.dumps(row), flush=True)
 
 
@@ -320,8 +319,7 @@ _COLUMNS = (
 
 
 def format_header() -> str:
-    head = "  ".join(f"{name:<{w}}" if i < 2 else f"{name:>{w}}" for i, (name, w, _) in enumerate(_COLUMNS))
-    return head + "\n" + "  ".join("-" * w for _, w, _ in _COLUMNS)
+    return bench_util.format_header(_COLUMNS, 2)
 
 
 def format_row(row: dict, max_error: int = 160) -> str:
@@ -380,14 +378,7 @@ def main(argv=None) -> int:
         print(f"peak MiB: {'; '.join(memory_kinds)}")
 
     if args.json:
-        record = {"command": command, "date": datetime.date.today().isoformat(), "args": {
-            k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": machine,
-            **{k: v for k, v in peak_info.items() if k != "peaks"}, "peaks": peak_info["peaks"], "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"rows written to {args.json}")
+        bench_util.write_json_record(args.json, command, args, machine, **peak_info, rows=rows)
     return 0 if all("error" not in r for r in rows) else 2
 
 

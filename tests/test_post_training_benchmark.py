@@ -15,7 +15,7 @@ from conftest import load_benchmark, single_device_env
 def test_post_training_step_rows_and_table():
     bench = load_benchmark("post_training_throughput")
     args = bench.parse_args(["--size=nano", "--batch_size=2", "--seq_len=32", "--steps=2", "--warmup=1",
-                             "--online_iterations=0", "--row_timeout=120"])
+                             "--row_timeout=120"])
     out = io.StringIO()
     rows = bench.run_step_rows(args, env=single_device_env("--xla_backend_optimization_level=0"), out=out)
     printed = out.getvalue().splitlines()
@@ -49,8 +49,9 @@ def test_post_training_step_rows_and_table():
 
 
 def test_online_table_format():
-    """Table 2's formatting from a metrics-like result (no run: the online loop has its own tests)."""
-    bench = load_benchmark("post_training_throughput")
+    """benchmarks/online_dpo_timing.py's table from a metrics-like result (no run: the online loop
+    has its own tests)."""
+    bench = load_benchmark("online_dpo_timing")
     result = {"iterations": [{"iteration": 1, "sample_s": 3.0, "train_s": 1.0, "pairs": 10},
                              {"iteration": 2, "sample_s": 1.0, "train_s": 1.0, "pairs": 12},
                              {"iteration": 3, "sample_s": 2.0, "train_s": 2.0, "pairs": 14}]}
