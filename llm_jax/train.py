@@ -66,8 +66,8 @@ def build_experiment(config, *, devices=None) -> Experiment:
                                                         head=head)
     mesh = sharding.make_mesh(config.mesh, devices)
     if model_cfg.vocab_size % mesh.shape["tensor"]:
-        raise ValueError(f"model.vocab_multiple ({config.model.vocab_multiple}) must make the vocabulary "
-                         f"({model_cfg.vocab_size}) divisible by mesh.tensor ({mesh.shape['tensor']})")
+        raise ValueError(f"model.vocab_size / model.vocab_multiple must make the vocabulary ({model_cfg.vocab_size}) "
+                         f"divisible by mesh.tensor ({mesh.shape['tensor']})")
     tx, schedule = optimizer.make_optimizer(config.optimizer, total_steps=config.train.num_steps)
     token_info = steps.TokenInfo(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
                                  num_special=tokenizer.num_special)
