@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     o.grad_clip_norm = 1.0
     o.grad_accum_steps = 1  # micro-batches per step (the batch is split, gradients summed)
     o.z_loss = 0.0  # PaLM's z-loss weight on logsumexp^2
+    # > 0: a step whose gradients hold NaN/Inf leaves the parameters and optimizer state as they
+    # were (optax.apply_if_finite), up to this many in a row; 0: the run stops at the first one
+    o.skip_nonfinite_steps = 0
 
     c.train = t = ml_collections.ConfigDict()
     t.num_steps = 1000
@@ -110,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.init_from = ""  # a workdir (its newest checkpoint) or step folder to take parameters from
     t.peak_flops_per_device = 0.0  # 0 -> look up the device kind, or measure on CPU
     t.progress = True  # live progress line on the terminal
+    # a logged train loss above this many times the running mean of the logged losses is reported
+    # (stderr and `train/loss_spike` in metrics.jsonl); 0 = off
+    t.loss_spike_factor = 2.0
 
     c.reward = ml_collections.ConfigDict()
     c.reward.margin = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)

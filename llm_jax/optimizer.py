@@ -55,6 +55,7 @@ def _validate_update_fields(opt_cfg):
     _require(opt_cfg.eps >= 0, "eps", ">= 0", opt_cfg.eps)
     _require(opt_cfg.weight_decay >= 0, "weight_decay", ">= 0", opt_cfg.weight_decay)
     _require(opt_cfg.grad_clip_norm >= 0, "grad_clip_norm", ">= 0", opt_cfg.grad_clip_norm)
+    _require(opt_cfg.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", ">= 0", opt_cfg.skip_nonfinite_steps)
 
 
 def validate(opt_cfg, total_steps):
@@ -113,8 +114,10 @@ def make_optimizer(opt_cfg, total_steps):
     """Returns (optax transformation, learning-rate schedule).
 
     Global-norm clipping (skipped when `grad_clip_norm` is 0) followed by AdamW with decoupled
-    weight decay on the leaves `weight_decay_mask` picks. The schedule is returned too so that the
-    train loop can log the learning rate of each step.
+    weight decay on the leaves `weight_decay_mask` picks, the whole wrapped in
+    `optax.apply_if_finite` when `skip_nonfinite_steps` > 0 (its state counts the skipped steps; a
+    skipped step does not advance the schedule's own count). The schedule is returned too so that
+    the train loop can log the learning rate of each step.
     """
     validate(opt_cfg, total_steps)
     schedule = make_schedule(opt_cfg, total_steps)
@@ -133,6 +136,9 @@ def make_optimizer(opt_cfg, total_steps):
         weight_decay=opt_cfg.weight_decay,
         mask=decay_mask,
     )
+    tx = adamw
     if opt_cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+        tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), adamw)
+    if opt_cfg.skip_nonfinite_steps > 0:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=opt_cfg.skip_nonfinite_steps)
+    return tx, schedule

@@ -92,6 +92,9 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
         "train/param_norm": optax.tree.norm(params),
         "train/learning_rate": schedule(state.step),
     }
+    if isinstance(opt_state, optax.ApplyIfFiniteState):  # optimizer.skip_nonfinite_steps > 0
+        metrics["train/skipped_steps"] = opt_state.total_notfinite
+        metrics["train/consecutive_skips"] = opt_state.notfinite_count
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import linen as nn
 
@@ -147,25 +148,93 @@ def params_from(path: str, init_params, abstract_params):
     return {**init_params, **restored}
 
 
-def _check_finite(step: int, scalars: dict) -> None:
+def _check_finite(step: int, scalars: dict, max_skips: int) -> None:
+    """Stops on a non-finite loss or gradient norm, unless the optimizer skipped that step
+    (`optimizer.skip_nonfinite_steps` > 0: the parameters did not change) and has not yet given up."""
+    consecutive = int(scalars.get("train/consecutive_skips", 0))
+    if consecutive > max_skips:  # apply_if_finite accepted the update: the parameters are suspect
+        raise FloatingPointError(f"{consecutive} steps in a row up to step {step} had a non-finite gradient, more than "
+                                 f"optimizer.skip_nonfinite_steps ({max_skips}); the last good checkpoint is kept")
+    if consecutive:
+        return
     loss = scalars["train/loss"]
     if not np.isfinite(loss) or not np.isfinite(scalars["train/grad_norm"]):
         raise FloatingPointError(f"non-finite loss ({loss}) or grad norm ({scalars['train/grad_norm']}) at step "
-                                 f"{step}; the last good checkpoint is kept")
+                                 f"{step}; the last good checkpoint is kept (optimizer.skip_nonfinite_steps > 0 "
+                                 f"skips such steps instead)")
+
+
+class NumericsMonitor:
+    """Reads each logged step's scalars for trouble: stops on non-finite values (`_check_finite`),
+    reports steps the optimizer skipped since the last log, and reports loss spikes (a loss above
+    `spike_factor` times the running mean of the logged losses), each on stderr and as a metric."""
+
+    def __init__(self, *, max_skips: int, spike_factor: float, skipped_before: int, report):
+        self.max_skips = max_skips
+        self.spike_factor = spike_factor
+        self.skipped = skipped_before
+        self.report = report
+        self.mean_loss = None
+        self.last_step = None
+
+    def check(self, step: int, scalars: dict) -> None:
+        """Raises FloatingPointError, or adds `train/loss_spike` to `scalars` and reports."""
+        _check_finite(step, scalars, self.max_skips)
+        since = f"since step {self.last_step}" if self.last_step is not None else "so far"
+        self.last_step = step
+        skipped = int(scalars.get("train/skipped_steps", self.skipped))
+        if skipped > self.skipped:
+            this_one = " (including this one)" if scalars.get("train/consecutive_skips", 0) else ""
+            self.report(f"step {step}: {skipped - self.skipped} step(s) {since}{this_one} had a non-finite loss or "
+                        f"gradient and were skipped; {skipped} in all")
+            self.skipped = skipped
+        loss = scalars["train/loss"]
+        if not np.isfinite(loss):
+            return
+        if self.spike_factor and self.mean_loss is not None and self.mean_loss > 0 \
+                and loss > self.spike_factor * self.mean_loss:
+            scalars["train/loss_spike"] = loss / self.mean_loss
+            self.report(f"step {step}: loss spike, {loss:.4g} is {loss / self.mean_loss:.1f}x the running mean "
+                        f"{self.mean_loss:.4g}")
+        # An exponential mean over the logged losses: it follows the downward trend of training,
+        # so a spike is judged against the recent level, not against the start of the run.
+        self.mean_loss = loss if self.mean_loss is None else 0.9 * self.mean_loss + 0.1 * loss
+
+
+def _fetch(device_metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+
+
+def _skipped_steps(state) -> int:
+    """Steps skipped for non-finite gradients so far (restored with the optimizer state)."""
+    opt_state = state.opt_state
+    return int(jax.device_get(opt_state.total_notfinite)) if isinstance(opt_state, optax.ApplyIfFiniteState) else 0
+
+
+def _reporter(progress, show_progress: bool):
+    """Warnings for the user: a line of their own under the live progress line, or the absl log
+    (stderr at the default verbosity) when there is none."""
+    def report(message: str) -> None:
+        if show_progress:
+            progress.write(f"warning: {message}")
+        else:
+            logging.warning(message)
+    return report
 
 
 def restore_or_init(cfg, exp: Experiment, manager, abstract_state, init_state, data_iterator):
-    """The workdir's newest checkpoint (state and data position) if there is one; otherwise a
-    fresh sharded init, with the parameters of `train.init_from` when it is set."""
-    latest = manager.latest_step()
+    """(state, step restored or None): the workdir's newest usable checkpoint (state and data
+    position; damaged newer ones are reported and set aside) if there is one; otherwise a fresh
+    sharded init, with the parameters of `train.init_from` when it is set."""
     with sharding.mesh_context(exp.mesh):
-        if latest is not None:
-            logging.info("resuming at step %d", latest)
-            return checkpoint.restore(manager, latest, abstract_state, data_iterator)
+        step, restored = checkpoint.restore_latest(manager, abstract_state, data_iterator)
+        if step is not None:
+            logging.info("resuming at step %d", step)
+            return restored["state"], step
         state = init_state()
         if cfg.train.init_from:
             state = state.replace(params=params_from(cfg.train.init_from, state.params, abstract_state.params))
-        return state
+        return state, None
 
 
 def run(config, workdir: str) -> dict[str, float]:
@@ -185,8 +254,7 @@ def run(config, workdir: str) -> dict[str, float]:
                     for b in recipe.make_eval_batches(process_index, process_count)]
 
     manager = checkpoint.make_manager(workdir, keep=cfg.train.keep_checkpoints)
-    latest = manager.latest_step()
-    state = restore_or_init(cfg, exp, manager, abstract_state, init_state, train_iter)
+    state, latest = restore_or_init(cfg, exp, manager, abstract_state, init_state, train_iter)
     start_step = int(jax.device_get(state.step))
 
     counts = model_lib.parameter_counts(state.params)
@@ -211,11 +279,13 @@ def run(config, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     pending = None  # (step, device metrics) dispatched but not read yet
     timer = None  # (step, time) at the last measurement point, after compilation
+    monitor = NumericsMonitor(max_skips=cfg.optimizer.skip_nonfinite_steps, spike_factor=cfg.train.loss_spike_factor,
+                              skipped_before=_skipped_steps(state), report=_reporter(progress, is_primary and cfg.train.progress))
 
     def log(step, device_metrics):
         nonlocal timer
-        scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        _check_finite(step, scalars)
+        scalars = _fetch(device_metrics)
+        monitor.check(step, scalars)
         now = time.perf_counter()
         if timer is not None and step > timer[0]:
             tokens_per_sec = (step - timer[0]) * tokens_per_step / (now - timer[1])
@@ -255,8 +325,11 @@ def run(config, workdir: str) -> dict[str, float]:
                     progress.write(f"step {step}: " + ", ".join(
                         f"{key.removeprefix('eval/')} {value:.4f}" for key, value in eval_metrics.items()))
                 timer = (step, time.perf_counter())  # throughput counts training time only
+            is_log_step = step % cfg.train.log_every == 0 or step == cfg.train.num_steps
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
                 flush()  # never checkpoint a state whose loss was not checked
+                if not is_log_step:
+                    _check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
                 checkpoint.save(manager, step, state, train_iter)
                 timer = (step, time.perf_counter())
             # A stop signal is honoured between steps: save this step, then stop. Several processes
@@ -266,8 +339,8 @@ def run(config, workdir: str) -> dict[str, float]:
                 if stop:
                     flush()
                     if step % cfg.train.checkpoint_every:  # not saved just above
-                        # A step off the log schedule had its loss unchecked: never save a NaN state.
-                        _check_finite(step, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
+                        if not is_log_step:  # its loss is unchecked: never save a NaN state
+                            _check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
                         checkpoint.save(manager, step, state, train_iter)
                     preempted = preemption.Preempted(step, stop)
                     break

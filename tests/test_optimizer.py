@@ -3,32 +3,19 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from llm_jax import optimizer
+from llm_jax import config_lib, optimizer
 
 
 def make_cfg(**overrides):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=2.0,
-            schedule="cosine",
-            warmup_steps=10,
-            decay_steps=0,
-            min_lr_ratio=0.1,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
-            decay_embeddings=False,
-            decay_norms_and_biases=False,
-            grad_clip_norm=1.0,
-            grad_accum_steps=1,
-        )
-    )
+    # The skeleton's optimizer block, so a key added there is present here too.
+    cfg = config_lib.base_config().optimizer
+    cfg.update(dict(learning_rate=2.0, schedule="cosine", warmup_steps=10, decay_steps=0, min_lr_ratio=0.1, b1=0.9,
+                    b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, decay_norms_and_biases=False,
+                    grad_clip_norm=1.0, grad_accum_steps=1))
     cfg.update(overrides)
     return cfg
 
