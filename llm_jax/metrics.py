@@ -275,7 +275,7 @@ class MetricsWriter:
 
     Each line is flushed as written, so a crash loses at most the line being written; `flush()`
     also fsyncs. Non-finite values are written as JSON `null` (TensorBoard gets the float).
-    `resume_step`: the step training restarts from (0 for a fresh start in a used workdir); lines
+    `resume_step`: the step training restarts from (-1 for a fresh start in a used workdir); lines
     with a later step are dropped and TensorBoard is told to purge its events after it too.
     `enabled=False` (processes other than 0 in a multi-host run) writes nothing.
     """

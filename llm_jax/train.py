@@ -269,7 +269,9 @@ def run(config, workdir: str) -> dict[str, float]:
         print(f"workdir {workdir}: metrics {workdir}/metrics.jsonl, checkpoints {workdir}/checkpoints, "
               f"TensorBoard {workdir}/tensorboard" + (f"; resuming at step {start_step}" if start_step else ""))
 
-    writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else None)
+    # A fresh start drops every line of an earlier attempt in this workdir (one killed before its
+    # first checkpoint, or whose checkpoints were all unusable), so each step is logged once.
+    writer = metrics.MetricsWriter(workdir, enabled=is_primary, resume_step=start_step if latest is not None else -1)
     if is_primary and latest is None:
         initial = recipe.initial_metrics()
         if initial:
