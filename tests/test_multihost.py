@@ -6,11 +6,13 @@ they must agree on every logged loss, and a restart of both resumes from the sha
 import os
 import socket
 import subprocess
+import signal
 import sys
+import time
 
 import pytest
 
-from llm_jax import metrics
+from llm_jax import metrics, preemption
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, corpus, tfds_dir, steps):
+def start(workdir, corpus, tfds_dir, steps, *extra):
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     procs = []
@@ -33,13 +35,21 @@ def launch(workdir, corpus, tfds_dir, steps):
                 "--config.train.eval_batches=2", "--config.train.checkpoint_every=2", "--config.train.progress=False",
                 "--config.mesh.data=2", "--config.mesh.fsdp=2",
                 "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=localhost:{port}",
-                "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}", *extra]
         procs.append(subprocess.Popen(args, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs, expected_status=0):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == expected_status, out[-3000:]
     return outputs
+
+
+def launch(workdir, corpus, tfds_dir, steps, *extra):
+    return finish(start(workdir, corpus, tfds_dir, steps, *extra))
 
 
 def test_two_processes_train_and_resume_together(text_corpus, tmp_path):
@@ -54,3 +64,33 @@ def test_two_processes_train_and_resume_together(text_corpus, tmp_path):
     # Both processes' data-iterator positions are in the checkpoint.
     data_files = set(os.listdir(os.path.join(workdir, "checkpoints", "4", "data")))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(text_corpus, tmp_path):
+    """The scheduler signals process 1 only: the processes agree (one all-gather per log step),
+    both save the same step off the checkpoint schedule and exit 75; a relaunch resumes there."""
+    workdir, tfds_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
+    # An explicit warmup, so the relaunch may shorten the run (train.num_steps is restart-safe).
+    procs = start(workdir, text_corpus, tfds_dir, 400, "--config.train.checkpoint_every=100",
+                  "--config.optimizer.warmup_steps=2")
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(metrics_file) and any('"train/loss"' in line for line in open(metrics_file)):
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish(procs, expected_status=preemption.EXIT_CODE)
+    saved = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+    assert len(saved) == 1 and 0 < saved[0] < 100, saved
+    stopped = saved[0]
+    assert f"stopped by a stop signal on another process after step {stopped}" in outputs[0]
+    assert f"stopped by SIGTERM after step {stopped}" in outputs[1]
+    rows = metrics.read_metrics(metrics_file)
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, stopped + 1))
+
+    outputs = launch(workdir, text_corpus, tfds_dir, 400, "--config.train.checkpoint_every=100",
+                     "--config.optimizer.warmup_steps=2", f"--config.train.num_steps={stopped + 2}")
+    assert f"resuming at step {stopped}" in outputs[0]
+    rows = metrics.read_metrics(metrics_file)
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, stopped + 3))
