@@ -247,14 +247,18 @@ def reference_run(config_file: str, root: str, timeout: float) -> dict:
 # Scenarios
 # ----------------------------------------------------------------------------------------------
 
-def wait_for_step(proc, workdir: str, step: int, timeout: float) -> bool:
-    """Polls metrics.jsonl until `step` is logged; False if the run ended first."""
+def wait_for_step(proc, output_path: str, workdir: str, step: int, timeout: float) -> None:
+    """Waits until the run has started (its "workdir ..." line: by then it has chosen its
+    checkpoint, and a moment later it drops the metrics lines logged after it) and has logged
+    `step`, or has ended."""
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and "workdir " not in open(output_path).read():
+        time.sleep(0.01)
+    time.sleep(0.5)  # the stale lines of the killed run are dropped right after that line
     while time.monotonic() < deadline and proc.poll() is None:
         if max(logged_steps(workdir), default=0) >= step:
-            return True
+            return
         time.sleep(0.01)
-    return False
 
 
 def random_kills(args, config_file, root, reference) -> Tally:
@@ -268,13 +272,13 @@ def random_kills(args, config_file, root, reference) -> Tally:
     for attempt in range(4 * args.random_kills):
         if tally.faults == args.random_kills:
             break
-        start = max(logged_steps(workdir), default=0)
+        start = max(complete_checkpoints(workdir), default=0)
         target = rng.randint(min(start + 1, args.num_steps), args.num_steps)
         output_path = os.path.join(root, f"random_kills.{attempt}.out")
         with open(output_path, "w") as output:
             proc = subprocess.Popen(main_command(config_file, workdir), stdout=output, stderr=subprocess.STDOUT,
                                     env=child_env(), cwd=_REPO_ROOT)
-            wait_for_step(proc, workdir, target, args.timeout)
+            wait_for_step(proc, output_path, workdir, target, args.timeout)
             time.sleep(rng.uniform(0.0, 0.3))  # anywhere in the next step(s), saves and evals included
             proc.kill()
             proc.wait()

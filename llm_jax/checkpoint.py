@@ -204,7 +204,8 @@ def restore_items(manager: ocp.CheckpointManager, step: int, abstract_state, dat
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, *, extra_args=None):
     """(step, items) of the newest checkpoint that passes `verify` and restores (items as
-    `restore_items` returns them); (None, None) when there is none. Each newer one that fails is
+    `restore_items` returns them, without the extra items that step lacks); (None, None) when
+    there is none. Each newer one that fails is
     reported by name and moved to `<step>.corrupt`, so the run continues from the previous one and
     never saves over it. A checkpoint whose parameters have other shapes raises instead."""
     # A failed restore may have moved the iterator already: with no usable checkpoint it starts over.
@@ -220,8 +221,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
             # A checkpoint of another model (a changed tokenizer, say) is not damage: stop with the
             # differing parameter named rather than set it aside and start over.
             _check_same_structure(saved["params"], abstract_state.params, folder, "resume")
+            # Items a step lacks (written before they existed, or not needed then) are not asked for.
+            present = {name: args for name, args in (extra_args or {}).items()
+                       if os.path.isdir(os.path.join(folder, name))}
             try:
-                restored = restore_items(manager, step, abstract_state, data_iterator, extra_args=extra_args)
+                restored = restore_items(manager, step, abstract_state, data_iterator, extra_args=present)
                 error = None
             except Exception as caught:  # TensorStore: truncated or missing array files
                 error = caught
@@ -273,7 +277,8 @@ def latest_checkpoint_dir(path: str, *, field: str) -> str:
             _warn(f"{field}: checkpoint {folder} is unusable ({error}); using the one before")
             continue
         return folder
-    raise FileNotFoundError(f"{field}: no usable checkpoint in {path} (expected {checkpoints}/<step>/state)")
+    usable = "usable " if steps else ""
+    raise FileNotFoundError(f"{field}: no {usable}checkpoint in {path} (expected {checkpoints}/<step>/state)")
 
 
 def restore_params(path: str, abstract_params, *, field: str = "train.init_from"):

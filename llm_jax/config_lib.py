@@ -223,10 +223,37 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
             raise ValueError(f"dpo.reference must be 'cached' or 'online', got {config.dpo.reference!r}")
         if config.dpo.pairs not in ("best_worst", "all"):
             raise ValueError(f"dpo.pairs must be 'best_worst' or 'all', got {config.dpo.pairs!r}")
+        if config.dpo.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"dpo.loss_type must be 'sigmoid' or 'ipo', got {config.dpo.loss_type!r}")
+        if not 0.0 <= config.dpo.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {config.dpo.label_smoothing}")
         if not (config.dpo.reference_free or config.dpo.reference_from or config.train.init_from):
             raise ValueError("dpo.reference_from (or train.init_from) must name the reference model's "
                              "workdir, unless dpo.reference_free=True")
+    if config.task == "online_dpo":
+        od = config.online_dpo
+        for field, value, least in [("steps_per_iteration", od.steps_per_iteration, 1),
+                                    ("prompts_per_iteration", od.prompts_per_iteration, 1),
+                                    ("samples_per_prompt", od.samples_per_prompt, 2),
+                                    ("max_new_tokens", od.max_new_tokens, 1),
+                                    ("reference_update_every", od.reference_update_every, 0)]:
+            if value < least:
+                raise ValueError(f"online_dpo.{field} must be >= {least}, got {value}")
+        if not od.temperature > 0:
+            raise ValueError(f"online_dpo.temperature must be > 0, got {od.temperature}")
     d, t, o = config.data, config.train, config.optimizer
+    if config.task == "reward" and d.max_responses < 2:
+        raise ValueError(f"data.max_responses must be >= 2 (a ranking needs two answers), got {d.max_responses}")
+    if config.task in ("sft", "reward", "dpo", "online_dpo") and not d.train_file:
+        for field, value in [("data.num_examples", d.num_examples), ("data.num_eval_examples", d.num_eval_examples)]:
+            if value < 1:
+                raise ValueError(f"{field} must be >= 1, got {value}")
+        if d.annotator_noise < 0:
+            raise ValueError(f"data.annotator_noise must be >= 0, got {d.annotator_noise}")
+    for field, value in [("data.max_documents", d.max_documents), ("data.prefetch", d.prefetch),
+                         ("train.peak_flops_per_device", t.peak_flops_per_device)]:
+        if value < 0:
+            raise ValueError(f"{field} must be >= 0, got {value}")
     for field, value in [("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size),
                          ("train.num_steps", t.num_steps), ("train.log_every", t.log_every),
                          ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
@@ -289,26 +316,41 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_or_write_workdir_config(config, workdir: str, *, write: bool) -> None:
-    """Refuses a workdir that holds a run of a different config; writes config.json otherwise."""
+    """Refuses a workdir whose checkpoints belong to a run of a different config, naming the fields
+    that differ; writes config.json otherwise. A workdir without checkpoints has nothing to resume,
+    so a run that failed before its first save (a typo in a path, say) does not lock it. Keys added
+    to `base_config()` since the run was written count as their defaults and keys since removed
+    are ignored, as `train.load_config` reads them."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json())
-    if os.path.exists(path):
-        with open(path) as f:
-            try:
+    if _holds_checkpoints(workdir):
+        if not os.path.exists(path):
+            raise ValueError(f"workdir {workdir} holds checkpoints but no config.json: a run of an unknown "
+                             f"config; use another --workdir")
+        try:
+            with open(path) as f:
                 old = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); move it away or use another workdir") from e
-        old_flat, new_flat = _flatten(old), _flatten(new)
-        changed = sorted(k for k in old_flat.keys() | new_flat.keys()
-                         if k not in _RESTART_SAFE and old_flat.get(k) != new_flat.get(k))
+        except (OSError, ValueError) as e:  # ValueError: invalid JSON or UTF-8
+            raise ValueError(f"{path} is unreadable or not valid JSON ({e}); move it away or use another "
+                             f"--workdir") from e
+        if not isinstance(old, dict):
+            raise ValueError(f"{path} holds no config (a JSON object); move it away or use another --workdir")
+        new_flat = _flatten(new)
+        old_flat = {**_flatten(json.loads(base_config().to_json())), **_flatten(old)}
+        changed = sorted(k for k in new_flat if k not in _RESTART_SAFE and old_flat.get(k) != new_flat[k])
         if changed:
-            first = changed[0]
-            raise ValueError(f"workdir {workdir} holds a run with a different config: {first} was "
-                             f"{old_flat.get(first)!r}, now {new_flat.get(first)!r} "
-                             f"({len(changed)} field(s) differ); use another --workdir")
+            shown = "; ".join(f"{k} was {old_flat.get(k)!r}, now {new_flat[k]!r}" for k in changed[:3])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ValueError(f"workdir {workdir} holds checkpoints of a run with a different config ({shown}{more}); "
+                             f"use another --workdir, or the run's own config")
     if write:
         os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(new, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+
+
+def _holds_checkpoints(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

@@ -7,7 +7,6 @@ explicitly to the jitted step (DPO's frozen reference parameters), never closed 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Callable
 
@@ -111,15 +110,7 @@ def simulated_rankings(data_cfg, split: str, seed: int) -> list[jsonl.RankingExa
 
 def _file_format(path: str) -> str:
     """'preferences' or 'rankings', from the first record's keys."""
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:1: invalid JSON ({e.msg})") from None
-                return "rankings" if isinstance(record, dict) and "responses" in record else "preferences"
-    raise ValueError(f"{path}: no records (the file is empty)")
+    return "rankings" if "responses" in jsonl.first_record(path) else "preferences"
 
 
 def ranking_examples(data_cfg, split: str, seed: int) -> list[jsonl.RankingExample]:

@@ -148,7 +148,7 @@ def params_from(path: str, init_params, abstract_params):
     return {**init_params, **restored}
 
 
-def _check_finite(step: int, scalars: dict, max_skips: int) -> None:
+def check_finite(step: int, scalars: dict, max_skips: int) -> None:
     """Stops on a non-finite loss or gradient norm, unless the optimizer skipped that step
     (`optimizer.skip_nonfinite_steps` > 0: the parameters did not change) and has not yet given up."""
     consecutive = int(scalars.get("train/consecutive_skips", 0))
@@ -165,7 +165,7 @@ def _check_finite(step: int, scalars: dict, max_skips: int) -> None:
 
 
 class NumericsMonitor:
-    """Reads each logged step's scalars for trouble: stops on non-finite values (`_check_finite`),
+    """Reads each logged step's scalars for trouble: stops on non-finite values (`check_finite`),
     reports steps the optimizer skipped since the last log, and reports loss spikes (a loss above
     `spike_factor` times the running mean of the logged losses), each on stderr and as a metric."""
 
@@ -179,7 +179,7 @@ class NumericsMonitor:
 
     def check(self, step: int, scalars: dict) -> None:
         """Raises FloatingPointError, or adds `train/loss_spike` to `scalars` and reports."""
-        _check_finite(step, scalars, self.max_skips)
+        check_finite(step, scalars, self.max_skips)
         since = f"since step {self.last_step}" if self.last_step is not None else "so far"
         self.last_step = step
         skipped = int(scalars.get("train/skipped_steps", self.skipped))
@@ -331,7 +331,7 @@ def run(config, workdir: str) -> dict[str, float]:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
                 flush()  # never checkpoint a state whose loss was not checked
                 if not is_log_step:
-                    _check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
+                    check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
                 checkpoint.save(manager, step, state, train_iter)
                 timer = (step, time.perf_counter())
             # A stop signal is honoured between steps: save this step, then stop. Several processes
@@ -342,7 +342,7 @@ def run(config, workdir: str) -> dict[str, float]:
                     flush()
                     if step % cfg.train.checkpoint_every:  # not saved just above
                         if not is_log_step:  # its loss is unchecked: never save a NaN state
-                            _check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
+                            check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
                         checkpoint.save(manager, step, state, train_iter)
                     preempted = preemption.Preempted(step, stop)
                     break

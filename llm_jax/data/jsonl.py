@@ -80,6 +80,12 @@ def read_rankings(path: str | os.PathLike) -> list[RankingExample]:
     return _read_examples(path, _parse_ranking)
 
 
+def first_record(path: str | os.PathLike) -> dict:
+    """The first record of a file as a JSON object (to tell its format), failing as the readers do:
+    `<path>:<line>: ...` for a malformed line, `<path>: ...` for an unreadable or empty file."""
+    return _read_examples(path, lambda record: record, limit=1)[0]
+
+
 def as_record(example: AnyExample | Mapping[str, Any]) -> dict[str, Any]:
     """The JSON object of an example (a mapping is passed through); the inverse of the readers."""
     if isinstance(example, Mapping):
@@ -116,7 +122,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[AnyExample | Mapping[
     return count
 
 
-def _read_examples(path: str | os.PathLike, parse: Callable[[dict], ExampleT]) -> list[ExampleT]:
+def _read_examples(path: str | os.PathLike, parse: Callable[[dict], ExampleT], limit: int = 0) -> list[ExampleT]:
     path = os.fspath(path)
     examples = []
     try:
@@ -124,6 +130,8 @@ def _read_examples(path: str | os.PathLike, parse: Callable[[dict], ExampleT]) -
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                if limit and len(examples) == limit:
+                    break
                 try:
                     examples.append(parse(_json_object(line)))
                 except ValueError as e:
