@@ -281,6 +281,35 @@ def latest_checkpoint_dir(path: str, *, field: str) -> str:
     raise FileNotFoundError(f"{field}: no {usable}checkpoint in {path} (expected {checkpoints}/<step>/state)")
 
 
+VOCABULARY_FILE = "vocabulary.json"  # in a workdir: the tokenizer fingerprint its run trained with
+
+
+def write_vocabulary(workdir: str, vocabulary: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    temporary = os.path.join(workdir, VOCABULARY_FILE + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump(vocabulary, f, indent=2, sort_keys=True)
+    os.replace(temporary, os.path.join(workdir, VOCABULARY_FILE))
+
+
+def check_vocabulary(path: str, vocabulary: dict, *, field: str) -> None:
+    """Refuses a run (a workdir, or a step folder of one) recorded with another vocabulary than
+    `vocabulary` (`tokenizer.fingerprint`). Runs from before the record pass unchecked."""
+    path = os.path.abspath(path)
+    workdir = os.path.dirname(os.path.dirname(path)) if os.path.isdir(os.path.join(path, "state")) else path
+    record = os.path.join(workdir, VOCABULARY_FILE)
+    if not os.path.exists(record):
+        return
+    with open(record) as f:
+        recorded = json.load(f)
+    differs = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in vocabulary.items()
+               if recorded.get(key) != value]
+    if differs:
+        raise ValueError(f"{field}: {workdir} was trained with another vocabulary ({'; '.join(differs)}); its "
+                         f"embeddings would be read as other tokens: use its tokenizer (data.tokenizer, "
+                         f"data.tokenizer_path)")
+
+
 def restore_params(path: str, abstract_params, *, field: str = "train.init_from"):
     """Only the parameters of a checkpoint (a workdir's newest, or a step folder), laid out as
     `abstract_params` says (shape, dtype, sharding). Optimizer state, step and data position are

@@ -323,7 +323,7 @@ def check_or_write_workdir_config(config, workdir: str, *, write: bool) -> None:
     are ignored, as `train.load_config` reads them."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json())
-    if _holds_checkpoints(workdir):
+    if holds_checkpoints(workdir):
         if not os.path.exists(path):
             raise ValueError(f"workdir {workdir} holds checkpoints but no config.json: a run of an unknown "
                              f"config; use another --workdir")
@@ -351,6 +351,6 @@ def check_or_write_workdir_config(config, workdir: str, *, write: bool) -> None:
         os.replace(tmp, path)
 
 
-def _holds_checkpoints(workdir: str) -> bool:
+def holds_checkpoints(workdir: str) -> bool:
     directory = os.path.join(workdir, "checkpoints")
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

@@ -249,6 +249,7 @@ def run(config, workdir: str) -> dict[str, float]:
     exp = train.build_experiment(config)
     is_primary = jax.process_index() == 0
     config_lib.check_or_write_workdir_config(config, workdir, write=is_primary)
+    train.check_vocabularies(config, exp.tokenizer, workdir, write=is_primary)
     abstract_state, state_shardings, init_state = train.state_shardings_and_init(exp, config.seed)
     # Each iteration's pairs are scored by the reference once, right after they are built, so the
     # reference is always cached here (dpo.reference only matters for offline DPO).

@@ -75,6 +75,21 @@ def build_experiment(config, *, devices=None) -> Experiment:
     return Experiment(config, tokenizer, model_cfg, model_lib.Transformer(model_cfg), mesh, tx, schedule, token_info)
 
 
+def check_vocabularies(cfg, tokenizer, workdir: str, *, write: bool) -> None:
+    """This run's vocabulary must be that of every run it takes weights from (its own checkpoints,
+    `train.init_from`, the DPO reference); then it is recorded in the workdir for later runs."""
+    vocabulary = tokenizer_lib.fingerprint(cfg.data.tokenizer, cfg.data.tokenizer_path, tokenizer)
+    sources = [("resume", workdir if config_lib.holds_checkpoints(workdir) else ""),
+               ("train.init_from", cfg.train.init_from)]
+    if cfg.task in ("dpo", "online_dpo"):
+        sources.append(("dpo.reference_from", cfg.dpo.reference_from))
+    for field, path in sources:
+        if path:
+            checkpoint.check_vocabulary(path, vocabulary, field=field)
+    if write:
+        checkpoint.write_vocabulary(workdir, vocabulary)
+
+
 def _init_boxed_params(model, seq_len, rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return model.init(rng, tokens, deterministic=True)["params"]
@@ -244,6 +259,7 @@ def run(config, workdir: str) -> dict[str, float]:
     exp = build_experiment(config)
     cfg, is_primary = config, jax.process_index() == 0
     config_lib.check_or_write_workdir_config(cfg, workdir, write=is_primary)
+    check_vocabularies(cfg, exp.tokenizer, workdir, write=is_primary)
 
     abstract_state, state_shardings, init_state = state_shardings_and_init(exp, cfg.seed)
     recipe = recipes.build_recipe(exp, abstract_state)

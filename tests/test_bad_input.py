@@ -111,8 +111,8 @@ def test_out_of_range_values_are_named(tiny_config, overrides, field):
 # Checkpoints of another tokenizer or architecture
 # ---------------------------------------------------------------------------------------------
 
-def train_sentencepiece(path, vocab_size):
-    rng = random.Random(0)
+def train_sentencepiece(path, vocab_size, seed=0):
+    rng = random.Random(seed)
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7))) for _ in range(300)]
     return tokenizer_lib.train_sentencepiece([" ".join(rng.choices(words, k=2000))], vocab_size=vocab_size,
                                              output_prefix=str(path))
@@ -160,6 +160,26 @@ def test_another_tokenizer_names_the_vocabulary_on_init_from_and_resume(corpus_c
 
     with pytest.raises(ValueError, match=r"data\.tokenizer was 'sentencepiece', now 'byte'"):
         train.run(corpus_config(), source)
+
+
+def test_another_vocabulary_of_the_same_table_size_is_refused(corpus_config, tmp_path):
+    """Byte-level (259 ids) and a 300-piece SentencePiece model both pad to 320 embedding rows: no
+    shape differs, so the recorded vocabulary (tokenizer kind, size, file hash) must catch it."""
+    spm_path = train_sentencepiece(tmp_path / "spm" / "current", 300)
+    spm_config = corpus_config(**{"data.tokenizer": "sentencepiece", "data.tokenizer_path": spm_path})
+    source = str(tmp_path / "spm_run")
+    save_checkpoint_of(spm_config, source)
+    train.check_vocabularies(spm_config, train.build_experiment(spm_config).tokenizer, source, write=True)
+    assert train.build_experiment(spm_config).model_cfg.vocab_size == 320
+
+    with pytest.raises(ValueError, match=r"^train\.init_from: .* was trained with another vocabulary \(tokenizer "
+                                         r"'sentencepiece' there, 'byte' now; .*use its tokenizer"):
+        train.run(corpus_config(**{"train.init_from": source}), str(tmp_path / "byte_run"))
+
+    shutil.copy(train_sentencepiece(tmp_path / "spm" / "other", 300, seed=1), spm_path)  # same path and size
+    with pytest.raises(ValueError, match=r"^resume: .* was trained with another vocabulary \(sha256 '[0-9a-f]+' "
+                                         r"there, '[0-9a-f]+' now\)"):
+        train.run(spm_config, source)
 
 
 def test_init_from_another_architecture_names_the_parameter(corpus_config, tmp_path):

@@ -11,6 +11,7 @@ Train a SentencePiece model on a corpus' train split (see corpora.py for the dat
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 import os
 from typing import Protocol
@@ -102,6 +103,17 @@ def get_tokenizer(name: str, path: str = "") -> Tokenizer:
     if name == "sentencepiece":
         return SentencePieceTokenizer(path)
     raise ValueError(f"data.tokenizer={name!r} is not one of {TOKENIZERS}")
+
+
+def fingerprint(name: str, path: str, tokenizer: Tokenizer) -> dict:
+    """What identifies a vocabulary: the tokenizer kind, its size and, for a model file, the
+    file's SHA-256. Runs record it, so that resuming or starting from a run with another vocabulary
+    fails even when both pad to the same embedding size (which a shape check cannot see)."""
+    digest = ""
+    if name != "byte" and path:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    return {"tokenizer": name, "vocab_size": int(tokenizer.vocab_size), "sha256": digest}
 
 
 def _training_sentences(documents: Iterable[str], max_sentence_chars: int) -> Iterator[str]:
