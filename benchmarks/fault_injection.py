@@ -17,6 +17,9 @@ Scenarios:
   damaged checkpoint  flip a byte / truncate / delete a file of the newest checkpoint
   SIGTERM mid-eval    the preemption path: exit 75 with a checkpoint of the step, rerun
   SIGTERM mid-save    the signal arrives while a checkpoint is written
+  full disk mid-save  a save fails with ENOSPC: exit 1 naming the intact checkpoint, rerun
+  bad input           bad flags, values, corpora, JSONL, init_from, vocabulary: one error line,
+                      exit 1, the run's files untouched; then the right command resumes
 
 Columns: faults injected; runs recovered (reruns that reached the end); checkpointed steps lost
 (the newest complete checkpoint at the fault minus the step the rerun resumed from: must be 0,
@@ -358,6 +361,120 @@ def largest_array_file(folder: str) -> str:
     return max(files, key=os.path.getsize)
 
 
+def snapshot(workdir: str) -> dict:
+    """What a failed command must leave as it was: every checkpoint file, the metrics and config."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            if name in ("metrics.jsonl", "config.json") or f"{os.sep}checkpoints{os.sep}" in path:
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, workdir)] = hash(f.read())
+    return files
+
+
+def bad_inputs(root: str, workdir: str) -> list[tuple[str, list[str], str, str]]:
+    """(label, extra flags, workdir to run in, pattern the one error line must match). Some run
+    against `workdir`, a run with checkpoints; the data and init_from cases in fresh workdirs."""
+    from llm_jax.data import tokenizer as tokenizer_lib
+
+    fresh = lambda label: os.path.join(root, "bad_input_" + label.replace(" ", "_"))  # noqa: E731
+    empty, bad_jsonl = os.path.join(root, "empty.txt"), os.path.join(root, "bad.jsonl")
+    open(empty, "w").close()
+    with open(bad_jsonl, "w") as f:
+        f.write('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n{"prompt": "e", \n')
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(300)]
+    spm = tokenizer_lib.train_sentencepiece([" ".join(rng.choices(words, k=2000))], vocab_size=300,
+                                            output_prefix=os.path.join(root, "spm300"))
+    return [
+        ("value of the wrong type", ["--config.train.num_steps=abc"], workdir, r"--config\.train\.num_steps=abc"),
+        ("unknown key", ["--config.model.nope=1"], workdir, r"no field 'nope'"),
+        ("value out of range", ["--config.train.num_steps=-5"], workdir, r"train\.num_steps must be >= 1"),
+        ("inconsistent mesh", ["--config.mesh.data=3"], workdir, r"mesh"),
+        ("workdir of another config", ["--config.optimizer.learning_rate=0.5"], workdir,
+         r"different config \(optimizer\.learning_rate"),
+        ("unreadable corpus", ["--config.data.files=/nonexistent/*.txt", "--config.data.tfds_data_dir="
+                               + os.path.join(root, "tfds_missing")], fresh("unreadable corpus"), r"data\.files"),
+        ("empty corpus", [f"--config.data.files={empty}", "--config.data.tfds_data_dir="
+                          + os.path.join(root, "tfds_empty")], fresh("empty corpus"), re.escape(empty)),
+        ("malformed JSONL", ["--config.task=sft", f"--config.data.train_file={bad_jsonl}",
+                             f"--config.data.eval_file={bad_jsonl}"], fresh("malformed jsonl"),
+         re.escape(bad_jsonl) + ":3"),
+        ("init_from another architecture", [f"--config.train.init_from={workdir}", "--config.model.d_model=96"],
+         fresh("other architecture"), r"train\.init_from: parameter"),
+        ("tokenizer of another vocabulary", [f"--config.train.init_from={workdir}",
+                                             "--config.data.tokenizer=sentencepiece",
+                                             f"--config.data.tokenizer_path={spm}"],
+         fresh("other vocabulary"), r"train\.init_from: .*another vocabulary"),
+    ]
+
+
+def bad_input(args, config_file, root, reference) -> Tally:
+    """Each bad input against a run that has checkpoints (or in a fresh workdir): exit status 1,
+    one `error:` line naming the field, file or line, nothing of the run changed; then the right
+    command resumes where the run stopped and ends as the reference did."""
+    tally = Tally("bad input")
+    workdir = os.path.join(root, "bad_input")
+    stop_at = args.checkpoint_every * 2 + 1
+    subprocess.run(hooked_command(config_file, workdir, f"sigterm_at_step:{stop_at}"), capture_output=True,
+                   timeout=args.timeout, env=child_env(), cwd=_REPO_ROOT)
+    before = snapshot(workdir)
+    for label, flags, target, pattern in bad_inputs(root, workdir):
+        tally.faults += 1
+        proc = subprocess.run(main_command(config_file, target) + flags, capture_output=True, text=True,
+                              timeout=args.timeout, env=child_env(), cwd=_REPO_ROOT)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        untouched = snapshot(workdir) == before and (target == workdir or not complete_checkpoints(target))
+        if proc.returncode == 1 and len(errors) == 1 and re.search(pattern, errors[0]) and untouched:
+            tally.recovered += 1
+        else:
+            tally.mismatches += 1
+            tally.notes.append(f"{label}: exit {proc.returncode}, {errors or proc.stderr.strip().splitlines()[-1:]}"
+                               + ("" if untouched else ", the run's files changed"))
+    rerun = run_to_end(config_file, workdir, args.timeout)
+    tally.lost += max(0, stop_at - resumed_step(rerun.stdout))
+    compare(tally, workdir, reference)
+    return tally
+
+
+def fill_disk_during_save(step: int):
+    """Patches Orbax's file writes (etils.epath) so that step `step`'s state metadata is half
+    written and then fails with ENOSPC, as a full disk would; returns the undo function."""
+    import errno
+
+    from etils.epath import gpath
+
+    real_open = gpath._GPath.open
+
+    class FullDisk:
+        def __init__(self, file, path):
+            self._file, self._path = file, path
+
+        def write(self, data):
+            self._file.write(data[: len(data) // 2])
+            self._file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    def open_(self, mode="r", *args, **kwargs):
+        file = real_open(self, mode, *args, **kwargs)
+        if "w" in mode and self.name == "_METADATA" and f"{os.sep}{step}.orbax-checkpoint-tmp" in str(self):
+            return FullDisk(file, str(self))
+        return file
+
+    gpath._GPath.open = open_
+    return lambda: setattr(gpath._GPath, "open", real_open)
+
+
 SCENARIOS = {
     "random_sigkill": random_kills,
     "sigkill_mid_save": hooked("SIGKILL mid-save", "sigkill_in_save:2", exit_status=-signal.SIGKILL),
@@ -366,6 +483,8 @@ SCENARIOS = {
     "damaged_checkpoint": damaged_checkpoint,
     "sigterm_mid_eval": hooked("SIGTERM mid-eval", "sigterm_in_eval:1", exit_status=PREEMPTED),
     "sigterm_mid_save": hooked("SIGTERM mid-save", "sigterm_in_save:2", exit_status=PREEMPTED),
+    "disk_full_mid_save": hooked("full disk mid-save", "disk_full_in_save:8", exit_status=1),
+    "bad_input": bad_input,
 }
 
 
@@ -398,6 +517,8 @@ def install_hook(hook: str) -> None:
         grain_item.get_state = nth_call(n, kill if name == "sigkill_in_save" else term, grain_item.get_state)
     elif name == "sigkill_before_manifest":
         checkpoint.write_manifest = nth_call(n, kill, checkpoint.write_manifest)
+    elif name == "disk_full_in_save":  # n: the step whose save meets a full disk
+        fill_disk_during_save(n)
     elif name == "sigterm_in_eval":
         train.evaluate = nth_call(n, term, train.evaluate)
     elif name == "sigterm_at_step":
@@ -409,19 +530,17 @@ def install_hook(hook: str) -> None:
 
 
 def child_main(args) -> int:
+    """One run as `llm_jax.main` makes it (exit 75 when preempted, 1 with one line for bad input),
+    with the fault of `--hook` planted."""
     import importlib.util
 
-    from llm_jax import preemption, train
+    from llm_jax import main as llm_main, train
 
     install_hook(args.hook)
     spec = importlib.util.spec_from_file_location("job", args.config_file)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    try:
-        train.run(job.get_config(), args.workdir)
-    except preemption.Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr, flush=True)
-        return preemption.EXIT_CODE
+    llm_main.run_reporting_errors(train.run, job.get_config(), args.workdir)
     return 0
 
 

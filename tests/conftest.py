@@ -6,6 +6,20 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the session: the xdist workers and every child process
+# (they inherit the environment) reuse each other's executables, since most tests compile the
+# same tiny models. Executables are keyed by HLO, devices and JAX version, so a hit runs exactly
+# what a fresh compile would. Made once by the controller, removed by it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+
 
 import pytest  # noqa: E402  (after XLA_FLAGS on purpose)
 
