@@ -21,8 +21,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from etils.epath import gpath
 
+from conftest import load_benchmark
 from llm_jax import checkpoint, config_lib, main, preemption, train
 from llm_jax.data import jsonl
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -205,49 +205,20 @@ def test_init_from_another_architecture_names_the_parameter(corpus_config, tmp_p
 # A full disk while saving
 # ---------------------------------------------------------------------------------------------
 
-def fill_disk_during_save(monkeypatch, step):
-    """Orbax writes its metadata files through etils.epath (the arrays go through TensorStore
-    first): the state item's _METADATA of checkpoint `step` gets half written, then ENOSPC, as
-    on a full disk. Everything else writes normally."""
-    real_open = gpath._GPath.open
-
-    class FullDisk:
-        def __init__(self, file, path):
-            self._file, self._path = file, path
-
-        def write(self, data):
-            self._file.write(data[: len(data) // 2])
-            self._file.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._file.close()
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-    def open_(self, mode="r", *args, **kwargs):
-        file = real_open(self, mode, *args, **kwargs)
-        if "w" in mode and self.name == "_METADATA" and f"{os.sep}{step}.orbax-checkpoint-tmp" in str(self):
-            return FullDisk(file, str(self))
-        return file
-
-    monkeypatch.setattr(gpath._GPath, "open", open_)
-
-
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus_config, tmp_path, monkeypatch, capsys):
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus_config, tmp_path, capsys):
     config = corpus_config(**{"train.num_steps": 2, "train.checkpoint_every": 1, "train.eval_every": 2,
                               "train.eval_batches": 1, "optimizer.warmup_steps": 1})
     workdir = str(tmp_path / "run")
-    with monkeypatch.context() as patch:
-        fill_disk_during_save(patch, step=2)
+    # Orbax writes its metadata through etils.epath after TensorStore wrote the arrays: the state
+    # item's _METADATA of checkpoint 2 gets half written, then ENOSPC, as on a full disk.
+    undo = load_benchmark("fault_injection").fill_disk_during_save(2)
+    try:
         with pytest.raises(checkpoint.CheckpointSaveError,
                            match=r"^saving checkpoint 2 into .*checkpoints failed \(\[Errno 28\] No space left on "
                                  r"device: .*_METADATA'\); checkpoint 1 is intact and a rerun resumes from it$"):
             train.run(config, workdir)
+    finally:
+        undo()
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]  # the unfinished save is gone
 
     exp = train.build_experiment(config)
