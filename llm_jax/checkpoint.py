@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 import zlib
 
@@ -89,8 +88,7 @@ def make_manager(workdir: str, *, keep: int, items: tuple[str, ...] = ("state", 
 
 
 def _warn(message: str) -> None:
-    absl_logging.warning(message)
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    absl_logging.warning(message)  # on stderr at main's default verbosity, and in --log_dir files
 
 
 def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
