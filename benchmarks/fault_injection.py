@@ -11,7 +11,8 @@ with the reference run's: final parameters bit for bit, and metrics.jsonl, where
 appear exactly once with the reference's loss.
 
 Scenarios:
-  random SIGKILL      kill -9 at a random moment after a random step, `--random_kills` times
+  random SIGKILL      kill -9 at a random moment after a random step (within two checkpoint
+                      intervals of the resumed one), `--random_kills` times
   SIGKILL mid-save    kill -9 while Orbax writes a checkpoint (inside the data item's save)
   SIGKILL pre-manifest kill -9 after Orbax finished a checkpoint, before its manifest
   damaged checkpoint  flip a byte / truncate / delete a file of the newest checkpoint
@@ -275,8 +276,10 @@ def random_kills(args, config_file, root, reference) -> Tally:
     for attempt in range(4 * args.random_kills):
         if tally.faults == args.random_kills:
             break
+        # Within two checkpoint intervals of where the run resumes: the kills walk through the whole
+        # run (steps, evals, saves) instead of piling up near its end.
         start = max(complete_checkpoints(workdir), default=0)
-        target = rng.randint(min(start + 1, args.num_steps), args.num_steps)
+        target = rng.randint(min(start + 1, args.num_steps), min(start + 2 * args.checkpoint_every, args.num_steps))
         output_path = os.path.join(root, f"random_kills.{attempt}.out")
         with open(output_path, "w") as output:
             proc = subprocess.Popen(main_command(config_file, workdir), stdout=output, stderr=subprocess.STDOUT,
