@@ -273,6 +273,7 @@ def random_kills(args, config_file, root, reference) -> Tally:
     workdirs = iter(os.path.join(root, f"random_kills_{i}") for i in range(args.random_kills + 1))
     workdir = next(workdirs)
     pending = None  # (complete checkpoint, last logged step) at the last kill, for the next run to match
+    last_start = None
     for attempt in range(4 * args.random_kills):
         if tally.faults == args.random_kills:
             break
@@ -280,14 +281,24 @@ def random_kills(args, config_file, root, reference) -> Tally:
         # run (steps, evals, saves) instead of piling up near its end.
         start = max(complete_checkpoints(workdir), default=0)
         target = rng.randint(min(start + 1, args.num_steps), min(start + 2 * args.checkpoint_every, args.num_steps))
+        # After a kill that gained no checkpoint, the next kill waits past the next checkpoint, and
+        # near the end (where the last steps, eval and save fit in the random delay) the run is
+        # left to finish: the kills do not pile up in one place.
+        stalled = pending is not None and start == last_start
+        last_start = start
+        if stalled and start + args.checkpoint_every < args.num_steps:
+            target, stalled = start + args.checkpoint_every + 1, False
         output_path = os.path.join(root, f"random_kills.{attempt}.out")
         with open(output_path, "w") as output:
             proc = subprocess.Popen(main_command(config_file, workdir), stdout=output, stderr=subprocess.STDOUT,
                                     env=child_env(), cwd=_REPO_ROOT)
-            wait_for_step(proc, output_path, workdir, target, args.timeout)
-            time.sleep(rng.uniform(0.0, 0.3))  # anywhere in the next step(s), saves and evals included
-            proc.kill()
-            proc.wait()
+            if stalled:
+                proc.wait(timeout=args.timeout)
+            else:
+                wait_for_step(proc, output_path, workdir, target, args.timeout)
+                time.sleep(rng.uniform(0.0, 0.3))  # anywhere in the next step(s), saves and evals included
+                proc.kill()
+                proc.wait()
         if pending is not None:
             check_resume(tally, open(output_path).read(), *pending)
             pending = None
