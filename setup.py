@@ -21,6 +21,8 @@ setup(
         "absl-py>=2.0",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "scipy>=1.11",  # llm_jax/scaling.py: least squares, L-BFGS
+        "matplotlib>=3.8",  # llm_jax/scaling.py: PNG plots
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -3,6 +3,7 @@ reward model, measure KL to a reference policy, and win-rates between policies.
 
 All scoring runs jitted in batches; prompts and responses are text, so any policy, reward model
 or tokenizer of the project fits.
+Few-shot in-context evaluation (lm-evaluation-harness style) is llm_jax/fewshot.py.
 """
 from __future__ import annotations
 

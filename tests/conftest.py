@@ -5,6 +5,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# scipy's optimisers (scaling fits) call OpenBLAS, whose thread pool slows ~14x on busy cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # One persistent compilation cache for the session: the xdist workers and every child process
 # (they inherit the environment) reuse each other's executables, since most tests compile the

@@ -1,7 +1,8 @@
 """Two processes on localhost, joined by jax.distributed, train one model together.
 
 Each process owns 2 (fake CPU) devices of a 4-device mesh and reads its own shard of the data;
-they must agree on every logged loss, and a restart of both resumes from the shared checkpoint.
+a stop signal to one of them stops both at the same saved step, and a restart of both resumes
+from the shared checkpoint.
 """
 import os
 import socket
@@ -52,23 +53,10 @@ def launch(workdir, corpus, tfds_dir, steps, *extra):
     return finish(start(workdir, corpus, tfds_dir, steps, *extra))
 
 
-def test_two_processes_train_and_resume_together(text_corpus, tmp_path):
-    workdir, tfds_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
-    launch(workdir, text_corpus, tfds_dir, steps=2)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
-    outputs = launch(workdir, text_corpus, tfds_dir, steps=4)  # the second launch resumes at step 2
-    assert "resuming at step 2" in outputs[0]
-    rows = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))  # written by process 0 only
-    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-    # Both processes' data-iterator positions are in the checkpoint.
-    data_files = set(os.listdir(os.path.join(workdir, "checkpoints", "4", "data")))
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
-
-
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(text_corpus, tmp_path):
-    """The scheduler signals process 1 only: the processes agree (one all-gather per log step),
-    both save the same step off the checkpoint schedule and exit 75; a relaunch resumes there."""
+    """Two processes train together; the scheduler signals process 1 only: they agree (one
+    all-gather per log step), both save the same step off the checkpoint schedule and exit 75;
+    a relaunch of both resumes there, each from its own data position, and finishes."""
     workdir, tfds_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
     # An explicit warmup, so the relaunch may shorten the run (train.num_steps is restart-safe).
     procs = start(workdir, text_corpus, tfds_dir, 400, "--config.train.checkpoint_every=100",
@@ -89,8 +77,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(text_corpus, t
     rows = metrics.read_metrics(metrics_file)
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, stopped + 1))
 
+    # Both processes' data-iterator positions are in the checkpoint.
+    data_files = set(os.listdir(os.path.join(workdir, "checkpoints", str(stopped), "data")))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
+
     outputs = launch(workdir, text_corpus, tfds_dir, 400, "--config.train.checkpoint_every=100",
                      "--config.optimizer.warmup_steps=2", f"--config.train.num_steps={stopped + 2}")
     assert f"resuming at step {stopped}" in outputs[0]
-    rows = metrics.read_metrics(metrics_file)
+    rows = metrics.read_metrics(metrics_file)  # written by process 0 only
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, stopped + 3))
+    final = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+    assert final == [stopped, stopped + 2]
