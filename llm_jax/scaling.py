@@ -15,11 +15,11 @@ What a reproduction of Kaplan et al. (2020) and Hoffmann et al. (2022, "Chinchil
 Data are plain arrays. A sweep's CSV (one row per run, as llm_jax/sweep.py writes) is read with
 `read_rows(path)` and turned into arrays with `columns(rows, ...)`; its columns are:
 
-    non_embedding_params   N, Kaplan's non-embedding parameter count
-    tokens                 D, training tokens the run saw
-    flops                  C, the run's training compute (FLOPs); fit_isoflop groups runs of one
-                           budget by it, so write the nominal budget the run was sized for
-    loss                   L, the held-out loss (nats per token) at the end of the run
+    params_non_embedding   N, Kaplan's non-embedding parameter count
+    tokens_seen            D, training tokens the run saw
+    flops                  C, the run's training compute (FLOPs, `training_flops`); fit_isoflop
+                           groups runs of one budget by it (within 1%)
+    eval_loss              L, the held-out loss (nats per token) at the end of the run
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from scipy import optimize
 
 from llm_jax import metrics, model as model_lib
 
-CSV_COLUMNS = ("non_embedding_params", "tokens", "flops", "loss")
+CSV_COLUMNS = ("params_non_embedding", "tokens_seen", "flops", "eval_loss")
 HUBER_DELTA = 1e-3  # Chinchilla's
 # Chinchilla's grid of starts: a, b (log A, log B), e (log E), alpha, beta.
 _CHINCHILLA_GRID = (np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.5, 0.5),

@@ -340,11 +340,8 @@ def write_status(sweep: Sweep, runs: list[Run], root: str) -> dict:
 
 # ------------------------------------------------------------------------------- collecting
 
-_COUNTS: dict = {}
-
-
 def _model(config):
-    """(TransformerConfig, parameter counts or {}): shapes by jax.eval_shape, nothing allocated."""
+    """(TransformerConfig, parameter counts or {}), from shapes alone (scaling.count_params)."""
     from llm_jax import model as model_lib
     from llm_jax.data import tokenizer as tokenizer_lib
     try:
@@ -353,16 +350,19 @@ def _model(config):
         vocab = None
     head = "scalar" if config.task == "reward" else "lm"
     cfg = model_lib.TransformerConfig.from_config(config.model, vocab or 256, config.data.seq_len, head=head)
-    if vocab and cfg not in _COUNTS:
-        import jax
-        import jax.numpy as jnp
-        from flax import linen as nn
+    return cfg, (_counts(cfg) if vocab else {})
 
-        def init():
-            tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-            return nn.unbox(model_lib.Transformer(cfg).init(jax.random.key(0), tokens, deterministic=True)["params"])
-        _COUNTS[cfg] = model_lib.parameter_counts(jax.eval_shape(init))
-    return cfg, _COUNTS.get(cfg, {}) if vocab else {}
+
+@functools.lru_cache(maxsize=None)
+def _counts(cfg) -> dict[str, int]:
+    from llm_jax import scaling
+    return scaling.count_params(cfg)
+
+
+def _flops(cfg, tokens, seq_len: int):
+    """C of the run (scaling.training_flops), blank until it has logged its tokens."""
+    from llm_jax import scaling
+    return scaling.training_flops(cfg, tokens, seq_len) if isinstance(tokens, (int, float)) and tokens else ""
 
 
 def collect(sweep: Sweep, runs: list[Run], root: str, out: str = "") -> str:
@@ -383,7 +383,9 @@ def collect(sweep: Sweep, runs: list[Run], root: str, out: str = "") -> str:
         row.update({"model.d_model": cfg.d_model, "model.n_layers": cfg.n_layers, "model.n_heads": cfg.n_heads,
                     "params": counts.get("total", ""), "params_non_embedding": counts.get("non_embedding", ""),
                     "final_step": max((r.get("step", 0) for r in records), default=""),
-                    "tokens_seen": last.get("train/tokens_seen", ""), "train_loss": last.get("train/loss", ""),
+                    "tokens_seen": last.get("train/tokens_seen", ""),
+                    "flops": _flops(cfg, last.get("train/tokens_seen"), run.resolved.data.seq_len),
+                    "train_loss": last.get("train/loss", ""),
                     "eval_loss": last.get("eval/loss", ""), "best_eval_loss": min(evals, default=""),
                     "config": run.config})
         row.update({k: field(k) for k in run.fixed if k not in row})

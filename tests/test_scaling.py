@@ -157,7 +157,7 @@ def test_rows_from_a_sweep_csv_feed_the_fits(tmp_path):
         for row in zip(n, flops / (6 * n), flops, loss):
             writer.writerow(dict(zip(scaling.CSV_COLUMNS, (repr(float(x)) for x in row))))
     rows = scaling.read_rows(path)
-    n2, loss2, flops2 = scaling.columns(rows, "non_embedding_params", "loss", "flops")
+    n2, loss2, flops2 = scaling.columns(rows, "params_non_embedding", "eval_loss", "flops")
     np.testing.assert_array_equal(n2, n)
     assert scaling.fit_isoflop(n2, loss2, flops2).a == pytest.approx(scaling.fit_isoflop(n, loss, flops).a)
 

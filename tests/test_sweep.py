@@ -275,7 +275,7 @@ def test_collect_writes_one_row_per_run_with_config_size_and_final_metrics(tmp_p
     assert list(rows[0])[:8] == ["run", "status", "exit_status", "error", "attempts", "wall_time_s", "model.size",
                                  "optimizer.learning_rate"]
     assert {"model.d_model", "model.n_layers", "data.seq_len", "data.batch_size", "train.num_steps", "params",
-            "params_non_embedding", "tokens_seen", "train_loss", "eval_loss", "best_eval_loss", "config",
+            "params_non_embedding", "tokens_seen", "flops", "train_loss", "eval_loss", "best_eval_loss", "config",
             "workdir"} <= set(rows[0])
     assert [r["status"] for r in rows] == ["finished", "failed", "incomplete", "pending"]
     first = rows[0]
@@ -292,6 +292,8 @@ def test_collect_writes_one_row_per_run_with_config_size_and_final_metrics(tmp_p
     assert (float(first["train_loss"]), int(first["tokens_seen"]), int(first["final_step"])) == (
         pytest.approx(4.0 - 0.1 * STEPS), STEPS * 256, STEPS)
     assert (float(first["eval_loss"]), float(first["best_eval_loss"])) == (2.5, 2.0)
+    # C for the scaling fits: 6N per token plus the embedding-head and attention terms.
+    assert float(first["flops"]) > 6 * non_embedding * STEPS * 256 and rows[3]["flops"] == ""
     assert rows[1]["error"] == "error: model.size must be one of ..." and rows[1]["exit_status"] == "1"
     assert rows[3]["train_loss"] == "" and rows[3]["params"] != ""
 
