@@ -63,7 +63,9 @@ def _scoring_batches(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 
 # One jitted scorer per model (modules are hashable dataclasses): repeated evaluations reuse it.
 @functools.lru_cache(maxsize=16)
-def _logps_fn(model):
+def jitted_logps_fn(model):
+    """The jitted (params, batch of tokens/mask/loss_mask [B, K, L]) -> summed log-probs [B, K] of
+    the loss-masked tokens (steps.make_reference_logps_fn), cached per model."""
     return jax.jit(steps.make_reference_logps_fn(model))
 
 
@@ -74,7 +76,7 @@ def _rewards_fn(model):
 
 def score_logps(model, params, tokenizer, prompts, responses, *, seq_len: int, batch_size: int = 64) -> np.ndarray:
     """log p(response + EOS | prompt) under a policy, one float per example."""
-    logps_fn = _logps_fn(model)
+    logps_fn = jitted_logps_fn(model)
     out = [np.asarray(logps_fn(params, batch))[:, 0]
            for batch in _scoring_batches(tokenizer, prompts, responses, seq_len=seq_len, batch_size=batch_size)]
     return np.concatenate(out)[:len(prompts)]

@@ -102,15 +102,15 @@ def as_task(task: TaskSpec | dict | str) -> TaskSpec:
 # --------------------------------------------------------------------------------------------
 
 def _parse(record: dict, kind: str) -> Example:
-    context = jsonl._string(record, "context")
+    context = jsonl.string_field(record, "context")
     if kind == "generation":
-        return Example(context, target=jsonl._string(record, "target"))
-    choices = jsonl._list(record, "choices", str, "string")
+        return Example(context, target=jsonl.string_field(record, "target"))
+    choices = jsonl.list_field(record, "choices", str, "string")
     if len(choices) < 2:
         raise ValueError(f"field 'choices' has {len(choices)} choice(s); multiple choice needs at least 2")
     if not all(choices):
         raise ValueError(f"field 'choices': item {choices.index('')} is empty")
-    answer = jsonl._field(record, "answer")
+    answer = jsonl.required_field(record, "answer")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"field 'answer' must be an index into 'choices' (0..{len(choices) - 1}), got "
                          f"{json.dumps(answer)}")
@@ -130,7 +130,7 @@ def read_task(path: str, kind: str = "") -> tuple[str, list[Example]]:
                              "(generation)")
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r} is not one of {KINDS}")
-    return kind, jsonl._read_examples(path, lambda record: _parse(record, kind))
+    return kind, jsonl.read_records(path, lambda record: _parse(record, kind))
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def continuation_logps(model, params, rows: Sequence[tuple[Sequence[int], Sequen
     """sum_t log p(continuation_t | context, continuation_<t) for each (context ids, continuation
     ids) row; rows run longest first in [batch_size, 1, L] batches, L a power of two (evaluation's
     jitted response log-probs: loss_mask marks the continuation)."""
-    logps_fn = evaluation._logps_fn(model)
+    logps_fn = evaluation.jitted_logps_fn(model)
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
     out = np.zeros(len(rows), np.float64)
     for start in range(0, len(order), batch_size):

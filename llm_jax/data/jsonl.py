@@ -69,21 +69,21 @@ AnyExample = Union[SFTExample, PreferenceExample, RankingExample]
 
 
 def read_sft(path: str | os.PathLike) -> list[SFTExample]:
-    return _read_examples(path, _parse_sft)
+    return read_records(path, _parse_sft)
 
 
 def read_preferences(path: str | os.PathLike) -> list[PreferenceExample]:
-    return _read_examples(path, _parse_preference)
+    return read_records(path, _parse_preference)
 
 
 def read_rankings(path: str | os.PathLike) -> list[RankingExample]:
-    return _read_examples(path, _parse_ranking)
+    return read_records(path, _parse_ranking)
 
 
 def first_record(path: str | os.PathLike) -> dict:
     """The first record of a file as a JSON object (to tell its format), failing as the readers do:
     `<path>:<line>: ...` for a malformed line, `<path>: ...` for an unreadable or empty file."""
-    return _read_examples(path, lambda record: record, limit=1)[0]
+    return read_records(path, lambda record: record, limit=1)[0]
 
 
 def as_record(example: AnyExample | Mapping[str, Any]) -> dict[str, Any]:
@@ -122,7 +122,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[AnyExample | Mapping[
     return count
 
 
-def _read_examples(path: str | os.PathLike, parse: Callable[[dict], ExampleT], limit: int = 0) -> list[ExampleT]:
+def read_records(path: str | os.PathLike, parse: Callable[[dict], ExampleT], limit: int = 0) -> list[ExampleT]:
+    """`parse(record)` of each JSON object line (blank lines skipped; the first `limit` if > 0).
+    Errors name the file, and the line: `<path>:<line>: <what parse or JSON said>`."""
     path = os.fspath(path)
     examples = []
     try:
@@ -158,20 +160,20 @@ def _json_object(line: bytes) -> dict:
 
 
 def _parse_sft(record: dict) -> SFTExample:
-    return SFTExample(prompt=_string(record, "prompt"), response=_string(record, "response"))
+    return SFTExample(prompt=string_field(record, "prompt"), response=string_field(record, "response"))
 
 
 def _parse_preference(record: dict) -> PreferenceExample:
-    example = PreferenceExample(prompt=_string(record, "prompt"), chosen=_string(record, "chosen"),
-                                rejected=_string(record, "rejected"))
+    example = PreferenceExample(prompt=string_field(record, "prompt"), chosen=string_field(record, "chosen"),
+                                rejected=string_field(record, "rejected"))
     if example.chosen == example.rejected:
         raise ValueError("'chosen' and 'rejected' are the same text, which states no preference")
     return example
 
 
 def _parse_ranking(record: dict) -> RankingExample:
-    prompt = _string(record, "prompt")
-    responses = _list(record, "responses", str, "string")
+    prompt = string_field(record, "prompt")
+    responses = list_field(record, "responses", str, "string")
     if not responses:
         raise ValueError("field 'responses' is empty")
     if len(responses) < 2:
@@ -186,7 +188,7 @@ def _parse_ranking(record: dict) -> RankingExample:
 
 
 def _ranking(record: dict, num_responses: int) -> list[int]:
-    ranking = _list(record, "ranking", int, "integer")
+    ranking = list_field(record, "ranking", int, "integer")
     if sorted(ranking) != list(range(num_responses)):
         raise ValueError(f"field 'ranking' {ranking} is not a permutation of the response indices "
                          f"0..{num_responses - 1}")
@@ -194,7 +196,7 @@ def _ranking(record: dict, num_responses: int) -> list[int]:
 
 
 def _scores(record: dict, num_responses: int) -> list[float]:
-    scores = _list(record, "scores", (int, float), "number")
+    scores = list_field(record, "scores", (int, float), "number")
     if len(scores) != num_responses:
         raise ValueError(f"field 'scores' has {len(scores)} scores for {num_responses} responses")
     if not all(math.isfinite(score) for score in scores):
@@ -202,15 +204,17 @@ def _scores(record: dict, num_responses: int) -> list[float]:
     return [float(score) for score in scores]
 
 
-def _string(record: dict, key: str) -> str:
-    value = _field(record, key)
+def string_field(record: dict, key: str) -> str:
+    """`record[key]`, which must be a string (ValueError naming the field otherwise)."""
+    value = required_field(record, key)
     if not isinstance(value, str):
         raise ValueError(f"field {key!r} must be a string, got {_json_type(value)}")
     return value
 
 
-def _list(record: dict, key: str, item_type: type | tuple[type, ...], item_name: str) -> list:
-    value = _field(record, key)
+def list_field(record: dict, key: str, item_type: type | tuple[type, ...], item_name: str) -> list:
+    """`record[key]`, which must be an array of `item_type` (ValueError naming the field otherwise)."""
+    value = required_field(record, key)
     if not isinstance(value, list):
         raise ValueError(f"field {key!r} must be an array of {item_name}s, got {_json_type(value)}")
     for i, item in enumerate(value):
@@ -221,7 +225,8 @@ def _list(record: dict, key: str, item_type: type | tuple[type, ...], item_name:
     return value
 
 
-def _field(record: dict, key: str) -> Any:
+def required_field(record: dict, key: str) -> Any:
+    """`record[key]`; a missing field is a ValueError naming it."""
     if key not in record:
         raise ValueError(f"missing field {key!r}")
     return record[key]
