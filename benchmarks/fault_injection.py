@@ -4,8 +4,8 @@ and each is compared with an uninterrupted run of the same config.
     python benchmarks/fault_injection.py                                  # the long form
     python benchmarks/fault_injection.py --random_kills=2 --num_steps=24  # the short form CI runs
 
-Every run is `python -m llm_jax.main` in a child process on a tiny decoder (or this script
-re-invoked with `--_child` when a fault must strike inside the process: mid-save, mid-eval). After
+Every run is `python -m llm_jax.main` in a child process on a tiny decoder (or
+`benchmarks/fault_child.py` when a fault must strike inside the process: mid-save, mid-eval). After
 each fault the same command is run again until it exits 0, and the finished workdir is compared
 with the reference run's: final parameters bit for bit, and metrics.jsonl, where every step must
 appear exactly once with the reference's loss.
@@ -66,10 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workroot", default="", help="where the runs go (default: a temporary folder, removed)")
     p.add_argument("--timeout", type=float, default=300, help="seconds one child run may take")
     p.add_argument("--json", default="", help="append the results as one JSON line to this file")
-    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--hook", default="", help=argparse.SUPPRESS)
-    p.add_argument("--config_file", default="", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -111,8 +107,8 @@ def main_command(config_file: str, workdir: str) -> list[str]:
 
 
 def hooked_command(config_file: str, workdir: str, hook: str) -> list[str]:
-    return [sys.executable, os.path.abspath(__file__), "--_child", f"--hook={hook}",
-            f"--config_file={config_file}", f"--workdir={workdir}"]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_child.py")
+    return [sys.executable, script, f"--hook={hook}", f"--config_file={config_file}", f"--workdir={workdir}"]
 
 
 def run_to_end(config_file: str, workdir: str, timeout: float) -> subprocess.CompletedProcess:
@@ -452,43 +448,6 @@ def bad_input(args, config_file, root, reference) -> Tally:
     return tally
 
 
-def fill_disk_during_save(step: int):
-    """Patches Orbax's file writes (etils.epath) so that step `step`'s state metadata is half
-    written and then fails with ENOSPC, as a full disk would; returns the undo function."""
-    import errno
-
-    from etils.epath import gpath
-
-    real_open = gpath._GPath.open
-
-    class FullDisk:
-        def __init__(self, file, path):
-            self._file, self._path = file, path
-
-        def write(self, data):
-            self._file.write(data[: len(data) // 2])
-            self._file.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._file.close()
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-    def open_(self, mode="r", *args, **kwargs):
-        file = real_open(self, mode, *args, **kwargs)
-        if "w" in mode and self.name == "_METADATA" and f"{os.sep}{step}.orbax-checkpoint-tmp" in str(self):
-            return FullDisk(file, str(self))
-        return file
-
-    gpath._GPath.open = open_
-    return lambda: setattr(gpath._GPath, "open", real_open)
-
-
 SCENARIOS = {
     "random_sigkill": random_kills,
     "sigkill_mid_save": hooked("SIGKILL mid-save", "sigkill_in_save:2", exit_status=-signal.SIGKILL),
@@ -500,62 +459,6 @@ SCENARIOS = {
     "disk_full_mid_save": hooked("full disk mid-save", "disk_full_in_save:8", exit_status=1),
     "bad_input": bad_input,
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# The child: a training run with a fault planted inside it
-# ----------------------------------------------------------------------------------------------
-
-def nth_call(n: int, action, function):
-    """`function`, except that its n-th call performs `action` first."""
-    calls = [0]
-
-    def wrapped(*a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            action()
-        return function(*a, **k)
-    return wrapped
-
-
-def install_hook(hook: str) -> None:
-    from llm_jax import checkpoint, train
-
-    name, n = hook.split(":")
-    n = int(n)
-    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-    term = lambda: signal.raise_signal(signal.SIGTERM)  # noqa: E731
-    grain_item = checkpoint._IteratorForGrainHandler
-    if name in ("sigkill_in_save", "sigterm_in_save"):
-        # The data item is written while the state item is being written: the save is half done.
-        grain_item.get_state = nth_call(n, kill if name == "sigkill_in_save" else term, grain_item.get_state)
-    elif name == "sigkill_before_manifest":
-        checkpoint.write_manifest = nth_call(n, kill, checkpoint.write_manifest)
-    elif name == "disk_full_in_save":  # n: the step whose save meets a full disk
-        fill_disk_during_save(n)
-    elif name == "sigterm_in_eval":
-        train.evaluate = nth_call(n, term, train.evaluate)
-    elif name == "sigterm_at_step":
-        from llm_jax import sharding
-        # Eval batches are placed first (train.eval_batches of them), then one call per step.
-        sharding.shard_host_batch = nth_call(2 + n, term, sharding.shard_host_batch)
-    else:
-        raise ValueError(f"--hook: unknown fault {name!r}")
-
-
-def child_main(args) -> int:
-    """One run as `llm_jax.main` makes it (exit 75 when preempted, 1 with one line for bad input),
-    with the fault of `--hook` planted."""
-    import importlib.util
-
-    from llm_jax import main as llm_main, train
-
-    install_hook(args.hook)
-    spec = importlib.util.spec_from_file_location("job", args.config_file)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    llm_main.run_reporting_errors(train.run, job.get_config(), args.workdir)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,8 +500,6 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args._child:
-        return child_main(args)
     started = time.perf_counter()
     rows = run(args)
     print()

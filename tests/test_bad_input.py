@@ -211,7 +211,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(corpus_config, tmp
     workdir = str(tmp_path / "run")
     # Orbax writes its metadata through etils.epath after TensorStore wrote the arrays: the state
     # item's _METADATA of checkpoint 2 gets half written, then ENOSPC, as on a full disk.
-    undo = load_benchmark("fault_injection").fill_disk_during_save(2)
+    undo = load_benchmark("fault_child").fill_disk_during_save(2)
     try:
         with pytest.raises(checkpoint.CheckpointSaveError,
                            match=r"^saving checkpoint 2 into .*checkpoints failed \(\[Errno 28\] No space left on "
