@@ -151,7 +151,8 @@ def _files(folder: str) -> list[str]:
 
 def write_manifest(folder: str, step: int) -> None:
     """Size and CRC-32 of every file of a finished step folder, written atomically (temp + rename)."""
-    manifest = {"step": step, "files": {name: list(_file_digest(os.path.join(folder, name))) for name in _files(folder)}}
+    files = {name: list(_file_digest(os.path.join(folder, name))) for name in _files(folder)}
+    manifest = {"step": step, "files": files}
     temporary = os.path.join(folder, MANIFEST + ".tmp")
     with open(temporary, "w") as f:
         json.dump(manifest, f)

@@ -342,14 +342,13 @@ def write_status(sweep: Sweep, runs: list[Run], root: str) -> dict:
 
 def _model(config):
     """(TransformerConfig, parameter counts or {}), from shapes alone (scaling.count_params)."""
-    from llm_jax import model as model_lib
+    from llm_jax import train
     from llm_jax.data import tokenizer as tokenizer_lib
     try:
         vocab = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path).vocab_size
     except (OSError, ValueError, RuntimeError):  # a SentencePiece model not there (yet)
         vocab = None
-    head = "scalar" if config.task == "reward" else "lm"
-    cfg = model_lib.TransformerConfig.from_config(config.model, vocab or 256, config.data.seq_len, head=head)
+    cfg = train.model_config(config, vocab or 256)
     return cfg, (_counts(cfg) if vocab else {})
 
 

@@ -57,14 +57,18 @@ class Experiment:
     token_info: steps.TokenInfo
 
 
+def model_config(config, vocab_size: int) -> model_lib.TransformerConfig:
+    """The run's model: config.model over the tokenizer's vocabulary; a reward model is the same
+    transformer with a scalar head instead of the vocabulary."""
+    head = "scalar" if config.task == "reward" else "lm"
+    return model_lib.TransformerConfig.from_config(config.model, vocab_size, config.data.seq_len, head=head)
+
+
 def build_experiment(config, *, devices=None) -> Experiment:
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
     tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
-    # A reward model is the same transformer with a scalar head instead of the vocabulary.
-    head = "scalar" if config.task == "reward" else "lm"
-    model_cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size, config.data.seq_len,
-                                                        head=head)
+    model_cfg = model_config(config, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh, devices)
     if model_cfg.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"model.vocab_size / model.vocab_multiple must make the vocabulary ({model_cfg.vocab_size}) "
@@ -297,8 +301,10 @@ def run(config, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     pending = None  # (step, device metrics) dispatched but not read yet
     timer = None  # (step, time) at the last measurement point, after compilation
-    monitor = NumericsMonitor(max_skips=cfg.optimizer.skip_nonfinite_steps, spike_factor=cfg.train.loss_spike_factor,
-                              skipped_before=_skipped_steps(state), report=_reporter(progress, is_primary and cfg.train.progress))
+    max_skips = cfg.optimizer.skip_nonfinite_steps
+    monitor = NumericsMonitor(max_skips=max_skips, spike_factor=cfg.train.loss_spike_factor,
+                              skipped_before=_skipped_steps(state),
+                              report=_reporter(progress, is_primary and cfg.train.progress))
 
     def log(step, device_metrics):
         nonlocal timer
@@ -323,6 +329,14 @@ def run(config, workdir: str) -> dict[str, float]:
             log(*pending)
             pending = None
 
+    def save_checked(step, state, step_metrics, is_log_step):
+        """Checkpoints `step`, never a state whose loss was not checked: a logged step's by its
+        pending metrics, another's here."""
+        flush()
+        if not is_log_step:
+            check_finite(step, _fetch(step_metrics), max_skips)
+        checkpoint.save(manager, step, state, train_iter)
+
     preempted = None
     with preemption.StopSignals() as signals, sharding.mesh_context(exp.mesh):
         for step in range(start_step + 1, cfg.train.num_steps + 1):
@@ -332,7 +346,8 @@ def run(config, workdir: str) -> dict[str, float]:
             if timer is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(step_metrics)
                 timer = (step, time.perf_counter())
-            if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
+            is_log_step = step % cfg.train.log_every == 0 or step == cfg.train.num_steps
+            if is_log_step:
                 pending = (step, step_metrics)
             if step % cfg.train.eval_every == 0 or step == cfg.train.num_steps:
                 flush()
@@ -343,23 +358,17 @@ def run(config, workdir: str) -> dict[str, float]:
                     progress.write(f"step {step}: " + ", ".join(
                         f"{key.removeprefix('eval/')} {value:.4f}" for key, value in eval_metrics.items()))
                 timer = (step, time.perf_counter())  # throughput counts training time only
-            is_log_step = step % cfg.train.log_every == 0 or step == cfg.train.num_steps
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps:
-                flush()  # never checkpoint a state whose loss was not checked
-                if not is_log_step:
-                    check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
-                checkpoint.save(manager, step, state, train_iter)
+            is_checkpoint_step = step % cfg.train.checkpoint_every == 0 or step == cfg.train.num_steps
+            if is_checkpoint_step:
+                save_checked(step, state, step_metrics, is_log_step)
                 timer = (step, time.perf_counter())
             # A stop signal is honoured between steps: save this step, then stop. Several processes
             # agree at log steps (one all-gather), so they all save the same step.
             if step < cfg.train.num_steps and (process_count == 1 or step % cfg.train.log_every == 0):
                 stop = signals.agreed(process_count)
                 if stop:
-                    flush()
-                    if step % cfg.train.checkpoint_every:  # not saved just above
-                        if not is_log_step:  # its loss is unchecked: never save a NaN state
-                            check_finite(step, _fetch(step_metrics), cfg.optimizer.skip_nonfinite_steps)
-                        checkpoint.save(manager, step, state, train_iter)
+                    if not is_checkpoint_step:  # else saved just above
+                        save_checked(step, state, step_metrics, is_log_step)
                     preempted = preemption.Preempted(step, stop)
                     break
         flush()
