@@ -286,8 +286,9 @@ def _group_budgets(flops: np.ndarray, rtol: float) -> list[np.ndarray]:
     return np.split(order, cuts)
 
 
-def _loglog_fit(c, y):
-    """ln y = ln k + slope ln c by ordinary least squares: (slope, its standard error, k)."""
+def loglog_fit(c, y):
+    """ln y = ln k + slope ln c by ordinary least squares: (slope, its standard error (nan with
+    2 points), k). A pure power law y = k c^slope, as Kaplan et al. fit L(N)."""
     u, v = np.log(c), np.log(y)
     slope, intercept = np.polyfit(u, v, 1)
     dof = u.size - 2
@@ -296,11 +297,18 @@ def _loglog_fit(c, y):
     return float(slope), float(se), float(np.exp(intercept))
 
 
-def fit_isoflop(n, loss, flops, *, flops_per_param_token: float = 6.0, rtol: float = 0.01) -> IsoFlop:
+def fit_isoflop(n, loss, flops, *, tokens=None, flops_per_param_token: float = 6.0,
+                rtol: float = 0.01) -> IsoFlop:
     """Chinchilla's approach 2. Points whose `flops` agree within `rtol` form one budget C (their
     geometric mean); each budget needs >= 3 sizes and a parabola that opens upwards. D_opt =
-    C / (k N_opt), k = `flops_per_param_token` (6: Kaplan's C = 6 N D)."""
+    C / (k N_opt), k = `flops_per_param_token` (6: Kaplan's C = 6 N D); or, given the runs'
+    `tokens`, D read off the budget's own runs at N_opt (ln D linear in ln N): for small models,
+    whose FLOPs per token are far from 6 N (attention, the output head), the tokens they saw."""
     n, loss, flops = _arrays(3, N=n, loss=loss, flops=flops)
+    if tokens is not None:
+        (tokens,) = _arrays(3, tokens=tokens)
+        if tokens.size != n.size:
+            raise ValueError(f"tokens has {tokens.size} points, N has {n.size}")
     budgets = []
     for idx in _group_budgets(flops, rtol):
         C = float(np.exp(np.log(flops[idx]).mean()))
@@ -314,15 +322,46 @@ def fit_isoflop(n, loss, flops, *, flops_per_param_token: float = 6.0, rtol: flo
                              "downwards); add sizes on both sides of the optimum")
         u_opt = -c1 / (2 * c2)
         n_opt = float(np.exp(u_opt))
+        if tokens is None:
+            d_opt = C / (flops_per_param_token * n_opt)
+        else:
+            d_opt = float(np.exp(np.polyval(np.polyfit(u, np.log(tokens[idx]), 1), u_opt)))
         budgets.append(Budget(C, n[idx], loss[idx], (float(c2), float(c1), float(c0)), n_opt,
-                              C / (flops_per_param_token * n_opt), float(c0 - c1**2 / (4 * c2)),
+                              d_opt, float(c0 - c1**2 / (4 * c2)),
                               bool(u.min() <= u_opt <= u.max())))
     if len(budgets) < 2:
         raise ValueError(f"{len(budgets)} compute budget(s); N_opt ~ C^a needs at least 2")
     c = np.array([b.flops for b in budgets])
-    a, a_se, n_coef = _loglog_fit(c, np.array([b.n_opt for b in budgets]))
-    b, b_se, d_coef = _loglog_fit(c, np.array([b.d_opt for b in budgets]))
+    a, a_se, n_coef = loglog_fit(c, np.array([b.n_opt for b in budgets]))
+    b, b_se, d_coef = loglog_fit(c, np.array([b.d_opt for b in budgets]))
     return IsoFlop(budgets, a, a_se, n_coef, b, b_se, d_coef)
+
+
+# ---- Learning-rate sweeps --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BestLearningRate:
+    """The minimum of a parabola in ln(lr) through the lowest loss and its two neighbours;
+    `interior` is False when the lowest loss is at an end of the sweep (then lr is that end)."""
+
+    lr: float
+    loss: float
+    interior: bool
+
+
+def best_learning_rate(lr, loss) -> BestLearningRate:
+    """Where loss(lr) bottoms out, between the grid points: a sweep half a decade apart only
+    brackets the best learning rate, and the parabola through the bracket places it."""
+    lr, loss = _arrays(3, lr=lr, loss=loss)
+    order = np.argsort(lr)
+    lr, loss = lr[order], loss[order]
+    i = int(np.argmin(loss))
+    if i in (0, lr.size - 1):
+        return BestLearningRate(float(lr[i]), float(loss[i]), False)
+    u = np.log(lr[i - 1:i + 2])
+    c2, c1, c0 = np.polyfit(u, loss[i - 1:i + 2], 2)  # c2 > 0: the middle point is the lowest
+    u_opt = float(np.clip(-c1 / (2 * c2), u[0], u[-1]))
+    return BestLearningRate(float(np.exp(u_opt)), float(np.polyval((c2, c1, c0), u_opt)), True)
 
 
 # ---- Plots (PNG through matplotlib's Figure: no pyplot, no global backend, no display needed) ----
@@ -381,4 +420,19 @@ def plot_isoflop(iso: IsoFlop, path) -> str:
         ax.plot(grid, coef * grid**slope, "k-", label=f"{name} ∝ C^{slope:.3f} (±{se:.3f})")
         ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=name)
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_lr_sweep(curves: dict, path, best: dict | None = None) -> str:
+    """Loss vs learning rate, one line per label (`{label: (lrs, losses)}`, e.g. per width), the
+    best learning rate of each (`{label: BestLearningRate}`) starred; returns `path`."""
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    for i, (label, (lrs, losses)) in enumerate(curves.items()):
+        order = np.argsort(lrs)
+        ax.plot(np.asarray(lrs)[order], np.asarray(losses)[order], "o-", color=f"C{i % 10}", label=str(label))
+        if best and label in best:
+            ax.plot(best[label].lr, best[label].loss, "*", color=f"C{i % 10}", markersize=12, markeredgecolor="k")
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="loss")
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -204,6 +204,27 @@ def load(spec: str, root: str = "runs/sweeps", sets=()) -> tuple[Sweep, list[Run
     return sweep, runs
 
 
+def resolve(config: str, fields: dict | None = None):
+    """The ConfigDict of a config file[:arg] with dotted `fields` set, as a run of a sweep gets it."""
+    file, arg = _split(config)
+    resolved = _load(file, "get_config", "config")(*([arg] if arg else [])).copy_and_resolve_references()
+    resolved.lock()
+    _set(resolved, fields or {}, f"config {config}")
+    return resolved
+
+
+def steps_for_flops(config: str, fields: dict, flops: float) -> int:
+    """Training steps that spend `flops` (C, as the CSV's `flops` column counts it) on the model and
+    batch of `config` + `fields`: an IsoFLOP sweep sizes each run with it."""
+    from llm_jax import metrics
+    resolved = resolve(config, fields)
+    cfg, _ = _model(resolved)
+    per_step = metrics.flops_per_token(cfg, resolved.data.seq_len) * resolved.data.batch_size * resolved.data.seq_len
+    if flops < per_step:
+        raise SweepError(f"{flops:.3g} FLOPs is less than one step ({per_step:.3g}) of {config} with {fields}")
+    return round(flops / per_step)
+
+
 # ------------------------------------------------------------------------------- running
 
 def _read_json(path: str) -> dict:

@@ -146,6 +146,28 @@ def test_isoflop_groups_budgets_printed_with_rounding():
     assert len(scaling.fit_isoflop(n, loss, jittered).budgets) == 5
 
 
+def test_isoflop_reads_d_opt_off_the_runs_tokens_when_given():
+    truth, n, loss, flops = isoflop_sweep()
+    # Runs that spent their budget at 8 FLOPs per parameter and token saw 6/8 of C / (6 N) tokens.
+    tokens = flops / (8 * n)
+    iso = scaling.fit_isoflop(n, loss, flops, tokens=tokens)
+    for budget in iso.budgets:
+        assert budget.d_opt == pytest.approx(budget.flops / (8 * budget.n_opt), rel=1e-6)
+    assert iso.b == pytest.approx(1 - iso.a, abs=1e-6)
+    with pytest.raises(ValueError, match="tokens has 3 points"):
+        scaling.fit_isoflop(n, loss, flops, tokens=tokens[:3])
+
+
+def test_best_learning_rate_is_the_parabola_minimum_between_grid_points():
+    lr = np.array([1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    u_true = np.log(2e-3)
+    loss = 3.0 + 0.2 * (np.log(lr) - u_true) ** 2  # a parabola in ln lr: exactly recovered
+    best = scaling.best_learning_rate(lr[::-1], loss[::-1])  # any order
+    assert best.interior and best.lr == pytest.approx(2e-3, rel=1e-6) and best.loss == pytest.approx(3.0)
+    edge = scaling.best_learning_rate(lr, np.array([5.0, 4.0, 3.5, 3.2, 3.1]))  # still falling
+    assert not edge.interior and edge.lr == 1e-2
+
+
 # ---------------------------------------------------------------------------- CSV rows
 
 def test_rows_from_a_sweep_csv_feed_the_fits(tmp_path):
@@ -170,8 +192,10 @@ def test_plots_are_png_files(tmp_path):
     paths = [scaling.plot_loss_vs_params(n, loss, tmp_path / "n.png"),
              scaling.plot_loss_vs_tokens(n * 20, loss, tmp_path / "d.png",
                                          fit=scaling.fit_power_law(n * 20, loss)),
-             scaling.plot_isoflop(iso, tmp_path / "isoflop.png")]
-    assert paths == [str(tmp_path / name) for name in ("n.png", "d.png", "isoflop.png")]
+             scaling.plot_isoflop(iso, tmp_path / "isoflop.png"),
+             scaling.plot_lr_sweep({64: ([1e-3, 3e-3, 1e-2], [3.0, 2.9, 3.1])}, tmp_path / "lr.png",
+                                   best={64: scaling.best_learning_rate([1e-3, 3e-3, 1e-2], [3.0, 2.9, 3.1])})]
+    assert paths == [str(tmp_path / name) for name in ("n.png", "d.png", "isoflop.png", "lr.png")]
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == PNG_MAGIC

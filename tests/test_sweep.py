@@ -325,3 +325,16 @@ def test_a_real_sweep_of_two_nano_runs(text_corpus, tmp_path):
     s, runs = sweep.load(EXAMPLE + ":scale=smoke", str(root), sets)  # the same sweep again: nothing to run
     child = FakeChild()
     assert sweep.run_sweep(s, runs, str(root), runner=child, echo=False) == 0 and child.calls == []
+
+
+def test_steps_for_flops_sizes_a_run_to_its_budget_and_names_a_budget_below_one_step():
+    from llm_jax import metrics, train
+    from llm_jax.data import tokenizer as tokenizer_lib
+    fields = {"model.size": "nano", "data.seq_len": 32, "data.batch_size": 4}
+    config = sweep.resolve("configs/quickstart.py", fields)
+    per_step = metrics.flops_per_token(train.model_config(config, tokenizer_lib.get_tokenizer("byte", "").vocab_size), 32) * 4 * 32
+    assert sweep.steps_for_flops("configs/quickstart.py", fields, 10.4 * per_step) == 10
+    with pytest.raises(sweep.SweepError, match="less than one step"):
+        sweep.steps_for_flops("configs/quickstart.py", fields, 0.5 * per_step)
+    with pytest.raises(sweep.SweepError, match="model.nope"):
+        sweep.resolve("configs/quickstart.py", {"model.nope": 1})

@@ -1,0 +1,160 @@
+"""Fits a sweep's CSV (llm_jax/sweep.py `collect`) and writes its plots: the analysis step of a study.
+
+    python -m llm_jax.analyze params  runs/sweeps/<name>/results.csv --out=experiments/<study>
+    python -m llm_jax.analyze isoflop runs/sweeps/<name>/results.csv --out=experiments/<study>
+    python -m llm_jax.analyze lr      runs/sweeps/<name>/results.csv --out=experiments/<study>
+
+`params`: L(N) = E + A N^-alpha over the runs' non-embedding N and final eval loss (with bootstrap
+intervals), and the pure power law L = A N^-alpha that Kaplan et al. fit. `isoflop`: Chinchilla's
+approach 2 (a parabola per budget, N_opt ~ C^a, D_opt ~ C^b) and approach 3 (L(N, D), Huber) on
+the same points. `lr`: the best learning rate per width (a parabola in ln lr through the lowest
+loss) and how it moves with width, best_lr ~ d_model^k.
+
+Each writes into `--out`: the CSV (copied, the study's record), `fit.json` (every fitted number)
+and PNG plots, and prints a markdown summary for the study's README. Runs that did not finish are
+left out, and named.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from llm_jax import scaling
+
+# Published values the READMEs compare with.
+KAPLAN_ALPHA_N = 0.076  # Kaplan et al. (2020) eq. 1.1, L = (N_c / N)^alpha_N, converged models
+CHINCHILLA = dict(alpha=0.34, beta=0.28, a=0.49, b=0.51)  # Hoffmann et al. (2022): approach 3 (table A3); approach 2
+
+
+def finished_rows(path: str) -> tuple[list[dict], list[str]]:
+    """The CSV's rows of finished runs with a finite eval loss, and the names of the others."""
+    rows, left_out = [], []
+    for row in scaling.read_rows(path):
+        try:
+            ok = row.get("status") == "finished" and np.isfinite(float(row["eval_loss"]))
+        except (KeyError, ValueError):
+            ok = False
+        (rows if ok else left_out).append(row if ok else row.get("run", "?"))
+    if not rows:
+        raise ValueError(f"{path}: no finished run with an eval_loss")
+    return rows, left_out
+
+
+def _pure_power_law(x, loss) -> dict:
+    """L = A x^-alpha (Kaplan's form, no irreducible term) by least squares in log-log."""
+    slope, se, coef = scaling.loglog_fit(x, loss)
+    return {"alpha": -slope, "alpha_stderr": se, "A": coef}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def analyze_params(rows, out: str, n_bootstrap: int = 200) -> tuple[dict, str]:
+    n, d, loss = scaling.columns(rows, "params_non_embedding", "tokens_seen", "eval_loss")
+    fit = scaling.fit_power_law(n, loss, n_bootstrap=n_bootstrap)
+    pure = _pure_power_law(n, loss)
+    scaling.plot_loss_vs_params(n, loss, os.path.join(out, "loss_vs_params.png"), fit)
+    result = {"E": fit.E, "A": fit.A, "alpha": fit.alpha, "stderr": fit.stderr, "ci95": fit.ci,
+              "pure_power_law": pure, "N_range": [float(n.min()), float(n.max())],
+              "tokens": sorted(set(map(float, d))), "published": {"kaplan_alpha_N": KAPLAN_ALPHA_N,
+                                                                  "chinchilla_alpha": CHINCHILLA["alpha"]}}
+    order = np.argsort(n)
+    text = _table(["run", "non-embedding N", "tokens", "eval loss", "fit"],
+                  [[rows[i]["run"], f"{int(n[i]):,}", f"{int(d[i]):,}", f"{loss[i]:.4f}", f"{fit(n[i]):.4f}"]
+                   for i in order])
+    ci = fit.ci.get("alpha", (float("nan"),) * 2)
+    text += (f"\n\nL(N) = {fit.E:.3f} + {fit.A:.3g} N^-{fit.alpha:.3f}: alpha = {fit.alpha:.3f} ± "
+             f"{fit.stderr['alpha']:.3f} (95% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f}), E = {fit.E:.3f} ± "
+             f"{fit.stderr['E']:.3f}; N spans {n.max() / n.min():.0f}x."
+             f"\nPure power law L = A N^-alpha (Kaplan's form): alpha = {pure['alpha']:.4f} ± {pure['alpha_stderr']:.4f}"
+             f" (Kaplan: {KAPLAN_ALPHA_N}; Chinchilla's N term: {CHINCHILLA['alpha']}).")
+    return result, text
+
+
+def analyze_isoflop(rows, out: str, n_bootstrap: int = 100) -> tuple[dict, str]:
+    n, d, c, loss = scaling.columns(rows, "params_non_embedding", "tokens_seen", "flops", "eval_loss")
+    iso = scaling.fit_isoflop(n, loss, c, tokens=d)
+    scaling.plot_isoflop(iso, os.path.join(out, "isoflop.png"))
+    chin = scaling.fit_chinchilla(n, d, loss, n_bootstrap=n_bootstrap)
+    a3 = chin.beta / (chin.alpha + chin.beta)  # approach 3's N_opt ~ C^a
+    result = {"a": iso.a, "a_stderr": iso.a_stderr, "b": iso.b, "b_stderr": iso.b_stderr,
+              "budgets": [{"flops": b.flops, "n_opt": b.n_opt, "d_opt": b.d_opt, "loss_opt": b.loss_opt,
+                           "interior": b.interior, "sizes": sorted(map(float, b.n))} for b in iso.budgets],
+              "chinchilla_fit": {"E": chin.E, "A": chin.A, "B": chin.B, "alpha": chin.alpha, "beta": chin.beta,
+                                 "stderr": chin.stderr, "a": a3},
+              "published": CHINCHILLA}
+    text = _table(["budget C (FLOPs)", "sizes N", "N_opt", "D_opt (tokens)", "loss at N_opt", "inside the sizes"],
+                  [[f"{b.flops:.2g}", ", ".join(f"{x / 1e3:.0f}k" for x in sorted(b.n)), f"{b.n_opt:,.0f}",
+                    f"{b.d_opt:,.0f}", f"{b.loss_opt:.4f}", "yes" if b.interior else "no"] for b in iso.budgets])
+    text += (f"\n\nApproach 2 (IsoFLOP parabolas): N_opt ∝ C^{iso.a:.3f} ± {iso.a_stderr:.3f}, "
+             f"D_opt ∝ C^{iso.b:.3f} ± {iso.b_stderr:.3f} (Chinchilla: a = {CHINCHILLA['a']}, b = {CHINCHILLA['b']})."
+             f"\nApproach 3 (L(N, D) = E + A/N^alpha + B/D^beta, Huber): alpha = {chin.alpha:.3f} ± "
+             f"{chin.stderr['alpha']:.3f}, beta = {chin.beta:.3f} ± {chin.stderr['beta']:.3f}, E = {chin.E:.3f}; "
+             f"a = beta/(alpha+beta) = {a3:.3f} (Chinchilla: alpha = {CHINCHILLA['alpha']}, beta = {CHINCHILLA['beta']}).")
+    return result, text
+
+
+def analyze_lr(rows, out: str, n_bootstrap: int = 0, group: str = "model.d_model") -> tuple[dict, str]:
+    if group not in rows[0]:
+        raise ValueError(f"the CSV has no column {group!r} to group runs by")
+    curves, best = {}, {}
+    for key in sorted({row[group] for row in rows}, key=float):
+        lr, loss = scaling.columns([r for r in rows if r[group] == key], "optimizer.learning_rate", "eval_loss")
+        curves[int(float(key))] = (lr, loss)
+        best[int(float(key))] = scaling.best_learning_rate(lr, loss)
+    scaling.plot_lr_sweep(curves, os.path.join(out, "loss_vs_lr.png"), best)
+    widths = np.array(sorted(best), dtype=np.float64)
+    slope = _pure_power_law(widths, np.array([best[int(w)].lr for w in widths]))
+    lrs = sorted({float(lr) for lr, _ in curves.values() for lr in lr})
+    table = [[f"{lr:.3g}"] + [next((f"{l:.4f}" for x, l in zip(*curves[w]) if x == lr), "") for w in curves]
+             for lr in lrs]
+    table.append(["**best lr**"] + [f"**{best[w].lr:.3g}**" + ("" if best[w].interior else " (edge)") for w in curves])
+    result = {"group": group, "best": {str(w): vars(b) for w, b in best.items()},
+              "best_lr_vs_width_exponent": -slope["alpha"], "exponent_stderr": slope["alpha_stderr"]}
+    text = _table(["peak lr \\ " + group.split(".")[-1]] + [str(w) for w in curves], table)
+    text += (f"\n\nBest learning rate ∝ {group.split('.')[-1]}^{-slope['alpha']:.2f}"
+             + (f" ± {slope['alpha_stderr']:.2f}" if np.isfinite(slope["alpha_stderr"]) else "")
+             + f" over widths {', '.join(map(str, curves))}.")
+    return result, text
+
+
+ANALYSES = {"params": analyze_params, "isoflop": analyze_isoflop, "lr": analyze_lr}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_jax.analyze", description=__doc__.split("\n")[0])
+    parser.add_argument("analysis", choices=sorted(ANALYSES))
+    parser.add_argument("csv", help="a sweep's results.csv")
+    parser.add_argument("--out", required=True, help="folder for the CSV copy, fit.json and plots")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="refits on resampled runs for the intervals (params: 200, isoflop: 100)")
+    args = parser.parse_args(argv)
+    try:
+        rows, left_out = finished_rows(args.csv)
+        os.makedirs(args.out, exist_ok=True)
+        extra = {} if args.bootstrap is None else {"n_bootstrap": args.bootstrap}
+        result, text = ANALYSES[args.analysis](rows, args.out, **extra)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    copy = os.path.join(args.out, "results.csv")
+    if not os.path.exists(copy) or not os.path.samefile(args.csv, copy):
+        shutil.copyfile(args.csv, copy)
+    with open(os.path.join(args.out, "fit.json"), "w") as f:
+        json.dump({"csv": args.csv, "runs": len(rows), "left_out": left_out, **result}, f, indent=1, default=float)
+    if left_out:
+        text += f"\n\nLeft out (not finished): {', '.join(left_out)}"
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The committed studies (experiments/<study>/sweep.py) at every scale: what the issue asks of
+their design holds before anything runs (sizes, spans, equal tokens, budgets, widths)."""
+import math
+
+import pytest
+
+from llm_jax import scaling, sweep, train
+from llm_jax.data import tokenizer as tokenizer_lib
+
+SCALES = ("smoke", "cpu", "tpu", "gpu")
+
+
+def model_config(run):
+    data = run.resolved.data
+    return train.model_config(run.resolved, tokenizer_lib.get_tokenizer(data.tokenizer, data.tokenizer_path).vocab_size)
+
+
+def non_embedding(run) -> int:
+    return scaling.non_embedding_params(model_config(run))
+
+
+def tokens(run) -> int:
+    return run.resolved.train.num_steps * run.resolved.data.batch_size * run.resolved.data.seq_len
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_model_size_scaling_trains_every_size_on_the_same_tokens(scale):
+    _, runs = sweep.load(f"experiments/model_size_scaling/sweep.py:scale={scale}")
+    assert len({tokens(run) for run in runs}) == 1
+    n = sorted(non_embedding(run) for run in runs)
+    if scale != "smoke":
+        assert len(set(n)) >= 6 and n[-1] / n[0] >= 30
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_isoflop_runs_spend_their_budget(scale):
+    _, runs = sweep.load(f"experiments/isoflop/sweep.py:scale={scale}")
+    budgets = {}
+    for run in runs:
+        budget = float(run.name.split(",")[0].removeprefix("C="))
+        cfg = model_config(run)
+        flops = scaling.training_flops(cfg, tokens(run), run.resolved.data.seq_len)
+        # Within fit_isoflop's grouping (1%); the smoke runs' few steps only round to 15%.
+        assert flops == pytest.approx(budget, rel=0.15 if scale == "smoke" else 0.01), run.name
+        assert run.resolved.optimizer.warmup_steps < run.resolved.train.num_steps
+        budgets.setdefault(budget, set()).add(non_embedding(run))
+    if scale != "smoke":
+        assert len(budgets) >= 3 and all(len(sizes) >= 5 for sizes in budgets.values())
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_lr_sweep_crosses_widths_and_learning_rates_at_one_depth(scale):
+    _, runs = sweep.load(f"experiments/lr_sweep/sweep.py:scale={scale}")
+    widths = {run.resolved.model.d_model for run in runs}
+    lrs = {run.resolved.optimizer.learning_rate for run in runs}
+    assert len({run.resolved.model.n_layers for run in runs}) == 1 and len(runs) == len(widths) * len(lrs)
+    assert len({tokens(run) for run in runs}) == 1
+    if scale != "smoke":
+        assert len(widths) >= 3 and len(lrs) >= 5
+        assert math.log10(max(lrs) / min(lrs)) >= 1.5  # brackets the best rate of every width
