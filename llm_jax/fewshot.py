@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -334,6 +335,22 @@ def evaluate_tasks(model, params, tokenizer, tasks: Sequence[TaskSpec | dict | s
     return rows
 
 
+def pooled(rows: Sequence[dict], name: str = "all") -> list[dict]:
+    """One row per (shots, metric) over all tasks: the mean over every evaluated example (tasks
+    weighted by their examples) with its binomial standard error, e.g. over the held-out mappings
+    of the in-context-learning study, one task file each."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["shots"], row["metric"]), []).append(row)
+    out = []
+    for (k, metric), group in groups.items():
+        n = sum(r["n"] for r in group)
+        p = sum(r["value"] * r["n"] for r in group) / n
+        out.append({"task": name, "shots": k, "metric": metric, "value": p, "stderr": math.sqrt(p * (1 - p) / n),
+                    "n": n, "truncated": sum(r["truncated"] for r in group), "tasks": len(group)})
+    return out
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table: task, shots, metric, value, stderr, n."""
     header = ["task", "shots", "metric", "value", "stderr", "n"]
@@ -349,10 +366,30 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([line(header), rule] + [line(c) for c in cells])
 
 
+def _task_paths(spec: str) -> list[str]:
+    paths = []
+    for item in filter(None, spec.split(",")):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise FileNotFoundError(f"--tasks: no file matches {item!r}")
+        paths += matches
+    return paths
+
+
+def _rendering(args) -> dict:
+    """The TaskSpec fields the command line sets, escapes decoded (`--example_separator=' '`)."""
+    fields = {"example_separator": args.example_separator, "target_delimiter": args.target_delimiter}
+    return {k: v.encode().decode("unicode_escape") for k, v in fields.items() if v is not None}
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llm_jax.fewshot", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a training run's workdir (config.json + checkpoints)")
-    p.add_argument("--tasks", required=True, help="comma-separated task JSONL files")
+    p.add_argument("--tasks", required=True, help="comma-separated task JSONL files or globs")
+    p.add_argument("--example_separator", default=None,
+                   help="between demonstrations, with escapes (default the task spec's, '\\n\\n')")
+    p.add_argument("--target_delimiter", default=None, help="between context and target (default ' ')")
+    p.add_argument("--pool", action="store_true", help="print one row per shots and metric over all tasks")
     p.add_argument("--shots", default="0", help="comma-separated numbers of demonstrations")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples of each task (0 = all)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draws")
@@ -367,15 +404,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         shots = [int(s) for s in args.shots.split(",") if s.strip().isdigit()]
         if not shots or len(shots) != len(args.shots.split(",")):
             raise ValueError(f"--shots: expected numbers >= 0, got {args.shots!r}")
+        tasks = [{"path": path, **_rendering(args)} for path in _task_paths(args.tasks)]
         exp, params = train.load_run(args.workdir)
-        rows = evaluate_tasks(exp.model, params, exp.tokenizer, [t for t in args.tasks.split(",") if t], shots,
+        rows = evaluate_tasks(exp.model, params, exp.tokenizer, tasks, shots,
                               limit=args.limit, seed=args.seed, batch_size=args.batch_size, mesh=exp.mesh)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(format_table(rows))
+    print(format_table(pooled(rows) if args.pool else rows))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"workdir": args.workdir, "seed": args.seed, "limit": args.limit, "rows": rows}, f, indent=1)
+            json.dump({"workdir": args.workdir, "seed": args.seed, "limit": args.limit, "rows": rows,
+                       "pooled": pooled(rows)}, f, indent=1)
         print(f"wrote {args.out}")
     return rows
 

@@ -256,3 +256,36 @@ def test_cli_prints_the_table_and_writes_json(trained_workdir, tmp_path, capsys)
     with pytest.raises(SystemExit, match="error: .*nothing.jsonl: cannot read"):
         fewshot.main([f"--workdir={trained_workdir}", f"--tasks={tmp_path / 'nothing.jsonl'}"])
     assert os.path.exists(trained_workdir)
+
+
+def test_pooled_rows_weight_tasks_by_their_examples():
+    rows = [{"task": "a", "shots": 1, "metric": "exact_match", "value": 1.0, "stderr": 0.0, "n": 3, "truncated": 0},
+            {"task": "b", "shots": 1, "metric": "exact_match", "value": 0.0, "stderr": 0.0, "n": 1, "truncated": 1},
+            {"task": "a", "shots": 4, "metric": "exact_match", "value": 0.5, "stderr": 0.1, "n": 2, "truncated": 0}]
+    one, four = fewshot.pooled(rows)
+    assert one == {"task": "all", "shots": 1, "metric": "exact_match", "value": 0.75,
+                   "stderr": pytest.approx((0.75 * 0.25 / 4) ** 0.5), "n": 4, "truncated": 1, "tasks": 2}
+    assert four["value"] == 0.5 and four["n"] == 2 and four["tasks"] == 1
+
+
+def test_cli_globs_tasks_sets_their_rendering_and_pools(trained_workdir, tmp_path, capsys, monkeypatch):
+    for i in range(2):
+        write_lines(tmp_path / f"mapping_{i}.jsonl", [{"context": "a", "target": "1"}, {"context": "b", "target": "2"}])
+    seen = []
+    real = fewshot.evaluate_tasks
+
+    def spy(model, params, tokenizer, tasks, *args, **kwargs):
+        seen.extend(tasks)
+        return real(model, params, tokenizer, tasks, *args, **kwargs)
+    monkeypatch.setattr(fewshot, "evaluate_tasks", spy)
+    out = tmp_path / "r.json"
+    fewshot.main([f"--workdir={trained_workdir}", f"--tasks={tmp_path}/mapping_*.jsonl", "--shots=0,1",
+                  "--example_separator=\\n", "--target_delimiter=", "--pool", f"--out={out}"])
+    assert [t["path"] for t in seen] == [str(tmp_path / "mapping_0.jsonl"), str(tmp_path / "mapping_1.jsonl")]
+    assert all(t["example_separator"] == "\n" and t["target_delimiter"] == "" for t in seen)
+    body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| all")]
+    assert len(body) == 4  # (0, 1 shots) x (exact_match, exact_match_norm), pooled
+    record = json.loads(out.read_text())
+    assert len(record["rows"]) == 8 and [r["n"] for r in record["pooled"]] == [4, 4, 4, 4]
+    with pytest.raises(SystemExit, match="error: --tasks: no file matches"):
+        fewshot.main([f"--workdir={trained_workdir}", f"--tasks={tmp_path}/none_*.jsonl"])
