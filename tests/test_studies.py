@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from llm_jax import scaling, sweep, train
+from llm_jax import analyze, scaling, sweep, train
 from llm_jax.data import tokenizer as tokenizer_lib
 
 SCALES = ("smoke", "cpu", "tpu", "gpu")
@@ -40,8 +40,9 @@ def test_isoflop_runs_spend_their_budget(scale):
         budget = float(run.name.split(",")[0].removeprefix("C="))
         cfg = model_config(run)
         flops = scaling.training_flops(cfg, tokens(run), run.resolved.data.seq_len)
-        # Within fit_isoflop's grouping (1%); the smoke runs' few steps only round to 15%.
-        assert flops == pytest.approx(budget, rel=0.15 if scale == "smoke" else 0.01), run.name
+        # Within analyze's grouping of budgets (5%; whole steps round the largest models' C by ~1%);
+        # the smoke runs' few steps only round to 15%.
+        assert flops == pytest.approx(budget, rel=0.15 if scale == "smoke" else analyze.BUDGET_RTOL), run.name
         assert run.resolved.optimizer.warmup_steps < run.resolved.train.num_steps
         budgets.setdefault(budget, set()).add(non_embedding(run))
     if scale != "smoke":

@@ -1,7 +1,7 @@
 """Study 2, IsoFLOP profiles (Chinchilla's approach 2): 3 compute budgets x 5 model sizes; each
 run's steps spend exactly its budget C (`sweep.steps_for_flops`), so a smaller model sees more tokens.
 
-    python -m llm_jax.sweep run experiments/isoflop/sweep.py                         # ~35 min on 2 CPU cores
+    python -m llm_jax.sweep run experiments/isoflop/sweep.py                         # ~25 min on 2 CPU cores
     python -m llm_jax.analyze isoflop runs/sweeps/isoflop_cpu/results.csv --out=experiments/isoflop
 
 `:scale=tpu` (or `gpu`) is the same study at 1e18-1e19 FLOPs; `:scale=smoke` the tests' tiny one.
@@ -10,13 +10,13 @@ from llm_jax import sweep
 
 CONFIG = "configs/quickstart.py"
 # (d_model, n_layers, n_heads) per budget: a window of sizes around the expected optimum, which
-# moves up with C (Chinchilla's N_opt ~ sqrt(C / 120) would be 0.09M, 0.16M, 0.29M here).
+# moves up with C (Chinchilla's N_opt ~ sqrt(C / 120) would be 65k, 112k, 204k here).
 BUDGETS = {
     "smoke": {1e9: [(32, 1, 2), (48, 1, 2), (64, 1, 2)], 2e9: [(32, 1, 2), (48, 1, 2), (64, 1, 2)]},
     "cpu": {
-        1e12: [(32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4)],
-        3e12: [(48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4)],
-        1e13: [(64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4), (256, 4, 4)],
+        5e11: [(32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4)],
+        1.5e12: [(48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4)],
+        5e12: [(64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4), (256, 4, 4)],
     },
     "tpu": {
         1e18: [(256, 4, 4), (384, 6, 6), (512, 8, 8), (640, 10, 10), (768, 12, 12)],
@@ -46,6 +46,6 @@ def get_sweep(arg: str = ""):
             steps = sweep.steps_for_flops(CONFIG, {**fixed, **shape}, flops)
             # The cosine schedule spans each run (Chinchilla: a schedule longer than the run
             # overstates the loss of short runs); the warmup is a tenth of the run, at most 100 steps.
-            runs.append({"name": f"C={flops:.0e},d{d}_L{layers}", **shape, "train.num_steps": steps,
+            runs.append({"name": f"C={flops:.2g},d{d}_L{layers}", **shape, "train.num_steps": steps,
                          "optimizer.warmup_steps": min(100, steps // 10)})
     return dict(name=f"isoflop_{scale}", config=CONFIG, runs=runs, fixed=fixed)

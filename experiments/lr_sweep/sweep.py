@@ -1,7 +1,7 @@
 """Study 3, learning-rate sweep across widths: decoders of 3 widths at one depth, each at 5 peak
 learning rates half a decade apart, on the same tokens; where the best learning rate sits per width.
 
-    python -m llm_jax.sweep run experiments/lr_sweep/sweep.py                         # ~30 min on 2 CPU cores
+    python -m llm_jax.sweep run experiments/lr_sweep/sweep.py                         # ~20 min on 2 CPU cores
     python -m llm_jax.analyze lr runs/sweeps/lr_sweep_cpu/results.csv --out=experiments/lr_sweep
 
 `:scale=tpu` (or `gpu`) sweeps widths 512-2048 at 12 layers; `:scale=smoke` is the tests' tiny one.
@@ -15,8 +15,8 @@ SCALES = {
                          "train.log_every": 1, "train.eval_batches": 2}),
     "cpu": dict(widths=[64, 128, 256], layers=4, head_dim=32,
                 learning_rates=[3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2],
-                fixed={"train.num_steps": 300, "optimizer.warmup_steps": 30, "data.seq_len": 128,
-                       "data.batch_size": 16, "train.eval_batches": 64}),  # 0.6M tokens per run
+                fixed={"train.num_steps": 200, "optimizer.warmup_steps": 20, "data.seq_len": 128,
+                       "data.batch_size": 16, "train.eval_batches": 64}),  # 0.4M tokens per run
     "tpu": dict(widths=[512, 1024, 2048], layers=12, head_dim=64,
                 learning_rates=[1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
                 fixed={"train.num_steps": 5000, "optimizer.warmup_steps": 500, "data.seq_len": 1024,
