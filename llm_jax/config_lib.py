@@ -15,17 +15,20 @@ from ml_collections import config_dict
 
 from llm_jax import model as model_lib
 
-TASKS = ("lm", "mlm", "sft", "reward", "dpo", "online_dpo")
+TASKS = ("lm", "mlm", "sft", "reward", "dpo", "online_dpo", "skipgram")
+# The model.kind a task needs; every other task trains a decoder.
+TASK_KINDS = {"mlm": "encoder", "skipgram": "word2vec"}
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # 'lm' (causal next-token) | 'mlm' (masked LM, encoder) | 'sft' | 'reward' | 'dpo' | 'online_dpo'
+    # | 'skipgram' (word2vec)
     c.task = "lm"
 
     c.model = m = ml_collections.ConfigDict()
-    m.kind = "decoder"  # 'decoder' (GPT) | 'encoder' (BERT)
+    m.kind = "decoder"  # 'decoder' (GPT) | 'encoder' (BERT) | 'word2vec' (skip-gram, d_model wide)
     m.size = "nano"  # a row of model.SIZES; d_model/n_layers/n_heads below override it when > 0
     m.style = "gpt2"  # 'gpt2' | 'llama' | 'bert': defaults for the architectural fields left unset
     m.d_model = 0
@@ -117,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (stderr and `train/loss_spike` in metrics.jsonl); 0 = off
     t.loss_spike_factor = 2.0
 
+    c.word2vec = ml_collections.ConfigDict()
+    c.word2vec.window = 5  # task 'skipgram': neighbours predicted on each side of a token
+
     c.reward = ml_collections.ConfigDict()
     c.reward.margin = 0.0  # Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)
 
@@ -206,10 +212,12 @@ def validate(config, *, num_devices: int, process_count: int = 1) -> None:
 
     if config.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {config.task!r}")
-    if config.task == "mlm" and config.model.kind != "encoder":
-        raise ValueError("task='mlm' needs model.kind='encoder'")
-    if config.task != "mlm" and config.model.kind != "decoder":
-        raise ValueError(f"task={config.task!r} needs model.kind='decoder' (an encoder sees the future)")
+    kind = TASK_KINDS.get(config.task, "decoder")
+    if config.model.kind != kind:
+        why = " (an encoder sees the future)" if config.model.kind == "encoder" else ""
+        raise ValueError(f"task={config.task!r} needs model.kind={kind!r}{why}")
+    if config.task == "skipgram" and config.word2vec.window < 1:
+        raise ValueError(f"word2vec.window must be >= 1, got {config.word2vec.window}")
     if config.task in ("sft", "reward", "dpo") and config.data.truncation not in ("keep_end", "keep_start", "drop"):
         raise ValueError(f"data.truncation must be 'keep_end', 'keep_start' or 'drop', got {config.data.truncation!r}")
     if config.task == "online_dpo" and config.online_dpo.pairs not in ("best_worst", "all"):

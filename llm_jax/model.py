@@ -50,7 +50,7 @@ STYLES: dict[str, dict[str, Any]] = {
 }
 
 _CHOICES = {
-    "kind": ("decoder", "encoder"),
+    "kind": ("decoder", "encoder", "word2vec"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
     "positions": ("learned", "rope"),
@@ -134,7 +134,7 @@ class TransformerConfig:
 
         d_model = pick("d_model", size["d_model"])
         n_heads = pick("n_heads", size["n_heads"])
-        if d_model % n_heads and not model_cfg.head_dim:
+        if d_model % n_heads and not model_cfg.head_dim and model_cfg.kind != "word2vec":  # word2vec: no heads
             raise ValueError(f"model.d_model ({d_model}) must be divisible by model.n_heads ({n_heads})")
         mlp = pick("mlp", style["mlp"])
         # SwiGLU has three matrices; LLaMA's 8/3 * d keeps its parameter count equal to GELU's 4d.
@@ -149,7 +149,9 @@ class TransformerConfig:
         return cls(
             vocab_size=table_size,
             d_model=d_model,
-            n_layers=pick("n_layers", size["n_layers"]),
+            # word2vec (word2vec.py): two tables of d_model-wide vectors and no layers, so that
+            # parameter and FLOP counts come out right.
+            n_layers=0 if model_cfg.kind == "word2vec" else pick("n_layers", size["n_layers"]),
             n_heads=n_heads,
             n_kv_heads=pick("n_kv_heads", n_heads),
             head_dim=pick("head_dim", d_model // n_heads),
@@ -161,7 +163,7 @@ class TransformerConfig:
             mlp=mlp,
             positions=pick("positions", style["positions"]),
             rope_theta=model_cfg.rope_theta,
-            tie_embeddings=pick("tie_embeddings", style["tie_embeddings"]),
+            tie_embeddings=model_cfg.kind != "word2vec" and pick("tie_embeddings", style["tie_embeddings"]),
             use_bias=pick("use_bias", style["use_bias"]),
             norm_position=pick("norm_position", style["norm_position"]),
             embed_norm=pick("embed_norm", style["embed_norm"]),
@@ -572,9 +574,17 @@ def parameter_counts(params) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def make_model(cfg: TransformerConfig) -> nn.Module:
+    """The module of a config: the Transformer, or for `kind='word2vec'` the skip-gram model."""
+    if cfg.kind == "word2vec":
+        from llm_jax import word2vec  # here: word2vec.py builds on this module's config
+        return word2vec.SkipGram(cfg)
+    return Transformer(cfg)
+
+
 def init_params_shape(cfg: TransformerConfig, batch_size: int = 1, seq_len: int | None = None):
     """Abstract (boxed) parameter shapes without allocating anything."""
     seq_len = seq_len or cfg.max_len
-    model = Transformer(cfg)
+    model = make_model(cfg)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     return jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), tokens)

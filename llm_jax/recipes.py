@@ -44,13 +44,15 @@ def summarize_cross_entropy(sums: dict) -> dict[str, float]:
 
 
 def pretraining_recipe(exp, abstract_state=None) -> Recipe:
-    """Causal LM ("lm") or masked LM ("mlm") on a text corpus (data/pipeline.py)."""
+    """Causal LM ("lm"), masked LM ("mlm") or skip-gram ("skipgram") on a text corpus (data/pipeline.py)."""
     del abstract_state
     cfg = exp.config
+    options = dict(window=cfg.word2vec.window, eos_id=exp.tokenizer.eos_id) if cfg.task == "skipgram" else None
     train_step = steps.make_train_step(exp.model, exp.tx, exp.schedule, task=cfg.task, token_info=exp.token_info,
                                        z_loss_weight=cfg.optimizer.z_loss,
-                                       grad_accum_steps=cfg.optimizer.grad_accum_steps)
-    eval_step = steps.make_eval_step(exp.model, task=cfg.task, token_info=exp.token_info, seed=cfg.seed)
+                                       grad_accum_steps=cfg.optimizer.grad_accum_steps, task_options=options)
+    eval_step = steps.make_eval_step(exp.model, task=cfg.task, token_info=exp.token_info, seed=cfg.seed,
+                                     task_options=options)
 
     def make_train_iterator(process_index, process_count):
         return pipeline.make_train_iterator(cfg.data, exp.tokenizer, global_batch_size=cfg.data.batch_size,
@@ -63,9 +65,10 @@ def pretraining_recipe(exp, abstract_state=None) -> Recipe:
                                           process_count=process_count)
 
     def initial_metrics():
-        if cfg.task != "lm":
+        if cfg.task not in ("lm", "skipgram"):
             return {}
-        # The loss of a model that knows only token frequencies: a trained LM must beat it by far.
+        # The loss of a model that knows only token frequencies: a trained LM must beat it by far,
+        # and a skip-gram model beats it only as far as a token tells about its neighbours.
         return {"eval/unigram_baseline": pipeline.unigram_baseline(cfg.data, exp.tokenizer)}
 
     return Recipe(train_step, eval_step, summarize_cross_entropy, make_train_iterator, make_eval_batches,
@@ -280,7 +283,7 @@ def dpo_recipe(exp, abstract_state) -> Recipe:
 
 
 RECIPES: dict[str, Callable] = {"lm": pretraining_recipe, "mlm": pretraining_recipe, "sft": sft_recipe,
-                                "reward": reward_recipe, "dpo": dpo_recipe}
+                                "reward": reward_recipe, "dpo": dpo_recipe, "skipgram": pretraining_recipe}
 
 
 def build_recipe(exp, abstract_state=None) -> Recipe:

@@ -12,6 +12,7 @@ resumed run draws exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from llm_jax import objectives
+from llm_jax import objectives, word2vec
 
 
 class TrainState(struct.PyTreeNode):
@@ -75,7 +76,10 @@ def mlm_task(batch, rng, token_info: TokenInfo):
     return dict(tokens_BxL=inputs_BxL, mask_BxL=mask_BxL), tokens_BxL, weights_BxL
 
 
-TASKS: dict[str, Callable] = {"lm": lm_task, "mlm": mlm_task, "sft": sft_task}
+TASKS: dict[str, Callable] = {"lm": lm_task, "mlm": mlm_task, "sft": sft_task, "skipgram": word2vec.skipgram_task}
+# The loss sums of (logits, targets, weights): one target per position (objectives'
+# cross-entropy), except the skip-gram's 2 * window neighbours per position.
+LOSS_SUMS: dict[str, Callable] = {"skipgram": word2vec.skipgram_sums}
 
 
 def _split_microbatches(tree, num_micro: int):
@@ -99,12 +103,15 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *, task: str,
-                    token_info: TokenInfo, z_loss_weight: float = 0.0, grad_accum_steps: int = 1):
-    prepare = TASKS[task]
+                    token_info: TokenInfo, z_loss_weight: float = 0.0, grad_accum_steps: int = 1,
+                    task_options: dict | None = None):
+    """`task_options`: keyword arguments of the task's batch preparation (the skip-gram's window)."""
+    prepare = functools.partial(TASKS[task], **(task_options or {}))
+    loss_sums = LOSS_SUMS.get(task, objectives.cross_entropy_sums)
 
     def sums_fn(params, inputs, targets_BxL, weights_BxL, dropout_rng):
         logits_BxLxV = model.apply({"params": params}, **inputs, deterministic=False, rngs={"dropout": dropout_rng})
-        return objectives.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss_weight=z_loss_weight)
+        return loss_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss_weight=z_loss_weight)
 
     def train_step(state: TrainState, batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -148,14 +155,15 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     return train_step
 
 
-def make_eval_step(model, *, task: str, token_info: TokenInfo, seed: int = 0):
+def make_eval_step(model, *, task: str, token_info: TokenInfo, seed: int = 0, task_options: dict | None = None):
     """Eval sums for one batch. MLM masking uses a fixed rng, so every eval sees the same masks."""
-    prepare = TASKS[task]
+    prepare = functools.partial(TASKS[task], **(task_options or {}))
+    loss_sums = LOSS_SUMS.get(task, objectives.cross_entropy_sums)
 
     def eval_step(params, batch):
         inputs, targets_BxL, weights_BxL = prepare(batch, jax.random.key(seed), token_info)
         logits_BxLxV = model.apply({"params": params}, **inputs, deterministic=True)
-        return objectives.cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL)
+        return loss_sums(logits_BxLxV, targets_BxL, weights_BxL)
 
     return eval_step
 

@@ -76,7 +76,7 @@ def build_experiment(config, *, devices=None) -> Experiment:
     tx, schedule = optimizer.make_optimizer(config.optimizer, total_steps=config.train.num_steps)
     token_info = steps.TokenInfo(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
                                  num_special=tokenizer.num_special)
-    return Experiment(config, tokenizer, model_cfg, model_lib.Transformer(model_cfg), mesh, tx, schedule, token_info)
+    return Experiment(config, tokenizer, model_cfg, model_lib.make_model(model_cfg), mesh, tx, schedule, token_info)
 
 
 def check_vocabularies(cfg, tokenizer, workdir: str, *, write: bool) -> None:
