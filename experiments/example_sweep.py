@@ -23,9 +23,7 @@ SCALES["gpu"] = SCALES["tpu"]
 
 
 def get_sweep(arg: str = ""):
-    scale = sweep.parse_arg(arg, scale="cpu")["scale"]
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    scale = sweep.scale_of(arg, SCALES)
     s = SCALES[scale]
     return dict(name=f"example_sweep_{scale}", config=s["config"], fixed=s["fixed"],
                 runs=sweep.product({"model.size": s["sizes"], "optimizer.learning_rate": s["learning_rates"],

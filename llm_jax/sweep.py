@@ -113,6 +113,14 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     return values
 
 
+def scale_of(arg: str | None, presets, default: str = "cpu") -> str:
+    """The `scale=` argument of a study (`:scale=tpu`), checked against its presets' names."""
+    scale = parse_arg(arg, scale=default)["scale"]
+    if scale not in presets:
+        raise ValueError(f"scale must be one of {sorted(presets)}, got {scale!r}")
+    return scale
+
+
 def run_name(parts) -> str:
     """`size=micro,learning_rate=0.001` from (key, value) pairs: deterministic, a safe folder name."""
     name = ",".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in parts) or "base"

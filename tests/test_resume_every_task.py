@@ -1,6 +1,6 @@
 """Exact resume for every task of the one loop: a run that crashes right after a checkpoint and is
 run again reproduces the uninterrupted run's losses and final parameters bit for bit (MLM masks,
-dropout and DPO's cached reference included). LM: tests/test_train_loop.py; online DPO:
+dropout, DPO's cached reference and the skip-gram included). LM: tests/test_train_loop.py; online DPO:
 tests/test_online_dpo_resume.py."""
 import os
 
@@ -31,6 +31,7 @@ TASK_FIELDS = {
     "sft": {"task": "sft", **POST, "model.dropout": 0.1},
     "reward": {"task": "reward", **POST},
     "dpo": {"task": "dpo", **POST},
+    "skipgram": {"task": "skipgram", "model.kind": "word2vec", "word2vec.window": 3},
 }
 
 

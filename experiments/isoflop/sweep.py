@@ -9,14 +9,15 @@ run's steps spend exactly its budget C (`sweep.steps_for_flops`), so a smaller m
 from llm_jax import sweep
 
 CONFIG = "configs/quickstart.py"
-# (d_model, n_layers, n_heads) per budget: a window of sizes around the expected optimum, which
-# moves up with C (Chinchilla's N_opt ~ sqrt(C / 120) would be 65k, 112k, 204k here).
+# (d_model, n_layers, n_heads) per budget: a window of sizes around the optimum, which moves up
+# with C. At these budgets the optimum is small: a first window of 25k-3.2M parameters
+# (first_attempt.csv) had the smallest size best at every budget.
 BUDGETS = {
     "smoke": {1e9: [(32, 1, 2), (48, 1, 2), (64, 1, 2)], 2e9: [(32, 1, 2), (48, 1, 2), (64, 1, 2)]},
     "cpu": {
-        5e11: [(32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4)],
-        1.5e12: [(48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4)],
-        5e12: [(64, 2, 2), (96, 3, 3), (128, 4, 4), (192, 4, 4), (256, 4, 4)],
+        5e11: [(16, 1, 2), (24, 1, 2), (32, 1, 2), (32, 2, 2), (48, 2, 2)],
+        1.5e12: [(24, 1, 2), (32, 1, 2), (32, 2, 2), (48, 2, 2), (64, 2, 2)],
+        5e12: [(32, 1, 2), (32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3)],
     },
     "tpu": {
         1e18: [(256, 4, 4), (384, 6, 6), (512, 8, 8), (640, 10, 10), (768, 12, 12)],
@@ -27,7 +28,7 @@ BUDGETS = {
 BUDGETS["gpu"] = BUDGETS["tpu"]
 FIXED = {
     "smoke": {"data.seq_len": 32, "data.batch_size": 8, "train.log_every": 1, "train.eval_batches": 2},
-    "cpu": {"data.seq_len": 128, "data.batch_size": 16, "train.eval_batches": 64},
+    "cpu": {"data.seq_len": 128, "data.batch_size": 32, "train.eval_batches": 32},
     "tpu": {"data.seq_len": 1024, "data.batch_size": 256, "model.dtype": "bfloat16",
             "optimizer.learning_rate": 6e-4, "train.eval_batches": 64},
 }
@@ -35,9 +36,7 @@ FIXED["gpu"] = FIXED["tpu"]
 
 
 def get_sweep(arg: str = ""):
-    scale = sweep.parse_arg(arg, scale="cpu")["scale"]
-    if scale not in BUDGETS:
-        raise ValueError(f"scale must be one of {sorted(BUDGETS)}, got {scale!r}")
+    scale = sweep.scale_of(arg, BUDGETS)
     fixed = {"train.progress": False, "train.checkpoint_every": 500, "train.eval_every": 10**9, **FIXED[scale]}
     runs = []
     for flops, shapes in BUDGETS[scale].items():

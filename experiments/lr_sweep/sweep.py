@@ -26,9 +26,7 @@ SCALES["gpu"] = SCALES["tpu"]
 
 
 def get_sweep(arg: str = ""):
-    scale = sweep.parse_arg(arg, scale="cpu")["scale"]
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+    scale = sweep.scale_of(arg, SCALES)
     s = SCALES[scale]
     widths = [{"model.d_model": d, "model.n_heads": d // s["head_dim"]} for d in s["widths"]]
     return dict(name=f"lr_sweep_{scale}", config="configs/quickstart.py",

@@ -42,9 +42,7 @@ FIXED["gpu"] = FIXED["tpu"]
 
 
 def get_sweep(arg: str = ""):
-    scale = sweep.parse_arg(arg, scale="cpu")["scale"]
-    if scale not in SHAPES:
-        raise ValueError(f"scale must be one of {sorted(SHAPES)}, got {scale!r}")
+    scale = sweep.scale_of(arg, SHAPES)
     d_model, n_layers, n_heads = SHAPES[scale]
     runs = [{"name": name, "config": config} for name, config in CONFIGS.items()]
     return dict(name=f"representation_probe_{scale}", config=CONFIGS["gpt"], runs=runs,
