@@ -112,7 +112,7 @@ def analyze_lr(rows, out: str, n_bootstrap: int = 0, group: str = "model.d_model
         lr, loss = scaling.columns([r for r in rows if r[group] == key], "optimizer.learning_rate", "eval_loss")
         curves[int(float(key))] = (lr, loss)
         best[int(float(key))] = scaling.best_learning_rate(lr, loss)
-    scaling.plot_lr_sweep(curves, os.path.join(out, "loss_vs_lr.png"), best)
+    scaling.plot_lr_sweep(curves, os.path.join(out, "loss_vs_lr.png"), best, legend_title=group.split(".")[-1])
     widths = np.array(sorted(best), dtype=np.float64)
     slope = _pure_power_law(widths, np.array([best[int(w)].lr for w in widths]))
     lrs = sorted({float(lr) for lr, _ in curves.values() for lr in lr})

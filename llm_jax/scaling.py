@@ -423,7 +423,7 @@ def plot_isoflop(iso: IsoFlop, path) -> str:
     return _save(fig, path)
 
 
-def plot_lr_sweep(curves: dict, path, best: dict | None = None) -> str:
+def plot_lr_sweep(curves: dict, path, best: dict | None = None, legend_title: str = "") -> str:
     """Loss vs learning rate, one line per label (`{label: (lrs, losses)}`, e.g. per width), the
     best learning rate of each (`{label: BestLearningRate}`) starred; returns `path`."""
     fig = Figure(figsize=(5.5, 4))
@@ -434,5 +434,5 @@ def plot_lr_sweep(curves: dict, path, best: dict | None = None) -> str:
         if best and label in best:
             ax.plot(best[label].lr, best[label].loss, "*", color=f"C{i % 10}", markersize=12, markeredgecolor="k")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
     return _save(fig, path)
