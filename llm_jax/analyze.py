@@ -83,25 +83,50 @@ def analyze_params(rows, out: str, n_bootstrap: int = 200) -> tuple[dict, str]:
 
 def analyze_isoflop(rows, out: str, n_bootstrap: int = 100) -> tuple[dict, str]:
     n, d, c, loss = scaling.columns(rows, "params_non_embedding", "tokens_seen", "flops", "eval_loss")
-    iso = scaling.fit_isoflop(n, loss, c, tokens=d, rtol=BUDGET_RTOL)
-    scaling.plot_isoflop(iso, os.path.join(out, "isoflop.png"))
     chin = scaling.fit_chinchilla(n, d, loss, n_bootstrap=n_bootstrap)
-    a3 = chin.beta / (chin.alpha + chin.beta)  # approach 3's N_opt ~ C^a
+    try:
+        iso = scaling.fit_isoflop(n, loss, c, tokens=d, rtol=BUDGET_RTOL)
+    except ValueError as e:  # a profile without a minimum inside its sizes: approach 3 still fits
+        return _isoflop_without_optimum(rows, out, chin, str(e))
+    scaling.plot_isoflop(iso, os.path.join(out, "isoflop.png"))
+    chin_fit, chin_text = _chinchilla_text(chin)
     result = {"a": iso.a, "a_stderr": iso.a_stderr, "b": iso.b, "b_stderr": iso.b_stderr,
               "budgets": [{"flops": b.flops, "n_opt": b.n_opt, "d_opt": b.d_opt, "loss_opt": b.loss_opt,
                            "interior": b.interior, "sizes": sorted(map(float, b.n))} for b in iso.budgets],
-              "chinchilla_fit": {"E": chin.E, "A": chin.A, "B": chin.B, "alpha": chin.alpha, "beta": chin.beta,
-                                 "stderr": chin.stderr, "a": a3},
-              "published": CHINCHILLA}
+              "chinchilla_fit": chin_fit, "published": CHINCHILLA}
     text = _table(["budget C (FLOPs)", "sizes N", "N_opt", "D_opt (tokens)", "loss at N_opt", "inside the sizes"],
                   [[f"{b.flops:.2g}", ", ".join(f"{x / 1e3:.0f}k" for x in sorted(b.n)), f"{b.n_opt:,.0f}",
                     f"{b.d_opt:,.0f}", f"{b.loss_opt:.4f}", "yes" if b.interior else "no"] for b in iso.budgets])
     text += (f"\n\nApproach 2 (IsoFLOP parabolas): N_opt ∝ C^{iso.a:.3f} ± {iso.a_stderr:.3f}, "
              f"D_opt ∝ C^{iso.b:.3f} ± {iso.b_stderr:.3f} (Chinchilla: a = {CHINCHILLA['a']}, b = {CHINCHILLA['b']})."
-             f"\nApproach 3 (L(N, D) = E + A/N^alpha + B/D^beta, Huber): alpha = {chin.alpha:.3f} ± "
-             f"{chin.stderr['alpha']:.3f}, beta = {chin.beta:.3f} ± {chin.stderr['beta']:.3f}, E = {chin.E:.3f}; "
-             f"a = beta/(alpha+beta) = {a3:.3f} (Chinchilla: alpha = {CHINCHILLA['alpha']}, beta = {CHINCHILLA['beta']}).")
+             f"\n{chin_text}")
     return result, text
+
+
+def _chinchilla_text(chin) -> tuple[dict, str]:
+    a3 = chin.beta / (chin.alpha + chin.beta)  # approach 3's N_opt ~ C^a
+    fit = {"E": chin.E, "A": chin.A, "B": chin.B, "alpha": chin.alpha, "beta": chin.beta, "stderr": chin.stderr, "a": a3}
+    return fit, (f"Approach 3 (L(N, D) = E + A/N^alpha + B/D^beta, Huber): alpha = {chin.alpha:.3f} ± "
+                 f"{chin.stderr['alpha']:.3f}, beta = {chin.beta:.3f} ± {chin.stderr['beta']:.3f}, E = {chin.E:.3f}; "
+                 f"a = beta/(alpha+beta) = {a3:.3f} (Chinchilla: alpha = {CHINCHILLA['alpha']}, "
+                 f"beta = {CHINCHILLA['beta']}).")
+
+
+def _isoflop_without_optimum(rows, out: str, chin, problem: str) -> tuple[dict, str]:
+    """The profiles as measured (loss vs N per budget) when approach 2 cannot place an optimum."""
+    n, c, loss = scaling.columns(rows, "params_non_embedding", "flops", "eval_loss")
+    budgets = scaling.group_budgets(c, BUDGET_RTOL)
+    curves = {f"{np.exp(np.log(c[idx]).mean()):.2g} FLOPs": (n[idx], loss[idx]) for idx in budgets}
+    scaling.plot_lr_sweep(curves, os.path.join(out, "isoflop.png"), legend_title="budget",
+                          xlabel="non-embedding parameters N")
+    chin_fit, chin_text = _chinchilla_text(chin)
+    best = [{"flops": float(np.exp(np.log(c[idx]).mean())), "best_n": float(n[idx][np.argmin(loss[idx])]),
+             "sizes": sorted(map(float, n[idx]))} for idx in budgets]
+    text = _table(["budget C (FLOPs)", "sizes N", "lowest-loss N", "at the window's edge"],
+                  [[f"{b['flops']:.2g}", ", ".join(f"{x / 1e3:.1f}k" for x in b["sizes"]), f"{b['best_n']:,.0f}",
+                    "yes" if b["best_n"] in (b["sizes"][0], b["sizes"][-1]) else "no"] for b in best])
+    text += f"\n\nApproach 2 cannot place N_opt: {problem}.\n{chin_text}"
+    return {"approach2_error": problem, "budgets": best, "chinchilla_fit": chin_fit, "published": CHINCHILLA}, text
 
 
 def analyze_lr(rows, out: str, n_bootstrap: int = 0, group: str = "model.d_model") -> tuple[dict, str]:

@@ -279,7 +279,8 @@ class IsoFlop:
     d_coef: float
 
 
-def _group_budgets(flops: np.ndarray, rtol: float) -> list[np.ndarray]:
+def group_budgets(flops: np.ndarray, rtol: float) -> list[np.ndarray]:
+    """Indices of the runs of each compute budget: sorted C split where it jumps by more than rtol."""
     # Gaps in sorted log C, not exact equality: a CSV's printed floats may differ in the last digits.
     order = np.argsort(flops)
     cuts = np.flatnonzero(np.diff(np.log(flops[order])) > np.log1p(rtol)) + 1
@@ -310,7 +311,7 @@ def fit_isoflop(n, loss, flops, *, tokens=None, flops_per_param_token: float = 6
         if tokens.size != n.size:
             raise ValueError(f"tokens has {tokens.size} points, N has {n.size}")
     budgets = []
-    for idx in _group_budgets(flops, rtol):
+    for idx in group_budgets(flops, rtol):
         C = float(np.exp(np.log(flops[idx]).mean()))
         if len(np.unique(n[idx])) < 3:
             raise ValueError(f"budget C={C:.3g} FLOPs has {len(np.unique(n[idx]))} distinct sizes; "
@@ -423,7 +424,8 @@ def plot_isoflop(iso: IsoFlop, path) -> str:
     return _save(fig, path)
 
 
-def plot_lr_sweep(curves: dict, path, best: dict | None = None, legend_title: str = "") -> str:
+def plot_lr_sweep(curves: dict, path, best: dict | None = None, legend_title: str = "",
+                  xlabel: str = "peak learning rate") -> str:
     """Loss vs learning rate, one line per label (`{label: (lrs, losses)}`, e.g. per width), the
     best learning rate of each (`{label: BestLearningRate}`) starred; returns `path`."""
     fig = Figure(figsize=(5.5, 4))
@@ -433,6 +435,6 @@ def plot_lr_sweep(curves: dict, path, best: dict | None = None, legend_title: st
         ax.plot(np.asarray(lrs)[order], np.asarray(losses)[order], "o-", color=f"C{i % 10}", label=str(label))
         if best and label in best:
             ax.plot(best[label].lr, best[label].loss, "*", color=f"C{i % 10}", markersize=12, markeredgecolor="k")
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="loss")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="loss")
     ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
     return _save(fig, path)

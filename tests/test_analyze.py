@@ -88,3 +88,20 @@ def test_a_csv_without_finished_runs_or_columns_is_one_error_line(tmp_path, caps
     no_width = write_csv(tmp_path / "w.csv", [run("a", eval_loss=3.0)])
     assert analyze.main(["lr", no_width, f"--out={tmp_path / 'o'}"]) == 1
     assert "no column 'model.d_model'" in capsys.readouterr().err
+
+
+def test_isoflop_profiles_without_a_minimum_still_get_approach_3_and_a_plot(tmp_path, capsys):
+    rows = []
+    for C, base in ((1e15, 3.0), (1e16, 2.8)):
+        # Loss rises with N and flattens (concave in ln N): the smallest size is best, no parabola minimum.
+        for i, (n, rise) in enumerate(zip((1e4, 3e4, 1e5, 3e5), (0.0, 0.10, 0.15, 0.17))):
+            rows.append(run(f"C={C:.0e},{i}", params_non_embedding=n, tokens_seen=C / (6 * n), flops=C,
+                            eval_loss=base + rise))
+    out = tmp_path / "iso"
+    assert analyze.main(["isoflop", write_csv(tmp_path / "s.csv", rows), f"--out={out}", "--bootstrap=3"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert "no minimum" in fit["approach2_error"] and "a" not in fit
+    assert [b["best_n"] for b in fit["budgets"]] == [1e4, 1e4]
+    assert (out / "isoflop.png").read_bytes()[:8] == PNG_MAGIC
+    printed = capsys.readouterr().out
+    assert "Approach 2 cannot place N_opt" in printed and "Approach 3" in printed
