@@ -1,8 +1,7 @@
 """Study 2, IsoFLOP profiles (Chinchilla's approach 2): 3 compute budgets x 5 model sizes; each
 run's steps spend exactly its budget C (`sweep.steps_for_flops`), so a smaller model sees more tokens.
 
-    python -m llm_jax.sweep run experiments/isoflop/sweep.py                         # ~25 min on 2 CPU cores
-    python -m llm_jax.analyze isoflop runs/sweeps/isoflop_cpu/results.csv --out=experiments/isoflop
+    bash experiments/isoflop/run.sh     # the sweep (~36 min on 2 CPU cores), then the analysis into results_cpu/
 
 `:scale=tpu` (or `gpu`) is the same study at 1e18-1e19 FLOPs; `:scale=smoke` the tests' tiny one.
 """

@@ -1,8 +1,7 @@
 """Study 3, learning-rate sweep across widths: decoders of 3 widths at one depth, each at 5 peak
 learning rates half a decade apart, on the same tokens; where the best learning rate sits per width.
 
-    python -m llm_jax.sweep run experiments/lr_sweep/sweep.py                         # ~20 min on 2 CPU cores
-    python -m llm_jax.analyze lr runs/sweeps/lr_sweep_cpu/results.csv --out=experiments/lr_sweep
+    bash experiments/lr_sweep/run.sh    # the sweep (~32 min on 2 CPU cores), then the analysis into results_cpu/
 
 `:scale=tpu` (or `gpu`) sweeps widths 512-2048 at 12 layers; `:scale=smoke` is the tests' tiny one.
 """
