@@ -3,12 +3,17 @@
     python -m llm_jax.analyze params  runs/sweeps/<name>/results.csv --out=experiments/<study>
     python -m llm_jax.analyze isoflop runs/sweeps/<name>/results.csv --out=experiments/<study>
     python -m llm_jax.analyze lr      runs/sweeps/<name>/results.csv --out=experiments/<study>
+    python -m llm_jax.analyze icl     runs/sweeps/<name>/results.csv --out=experiments/<study> \
+        --tasks='<held-out mappings>/*.jsonl'
 
 `params`: L(N) = E + A N^-alpha over the runs' non-embedding N and final eval loss (with bootstrap
 intervals), and the pure power law L = A N^-alpha that Kaplan et al. fit. `isoflop`: Chinchilla's
 approach 2 (a parabola per budget, N_opt ~ C^a, D_opt ~ C^b) and approach 3 (L(N, D), Huber) on
 the same points. `lr`: the best learning rate per width (a parabola in ln lr through the lowest
-loss) and how it moves with width, best_lr ~ d_model^k.
+loss) and how it moves with width, best_lr ~ d_model^k. `icl`: each run's few-shot exact match on
+held-out in-context mappings (llm_jax/data/icl.py) at 0/1/4/8/16 shots, pooled over the task
+files, against an ideal in-context learner on the same prompts (right whenever the query's input
+was demonstrated, chance otherwise).
 
 Each writes into `--out`: the CSV (copied, the study's record), `fit.json` (every fitted number)
 and PNG plots, and prints a markdown summary for the study's README. Runs that did not finish are
@@ -153,7 +158,62 @@ def analyze_lr(rows, out: str, n_bootstrap: int = 0, group: str = "model.d_model
     return result, text
 
 
-ANALYSES = {"params": analyze_params, "isoflop": analyze_isoflop, "lr": analyze_lr}
+def ideal_icl_accuracy(task_paths: list[str], shots: int, *, seed: int) -> float:
+    """Exact match of a perfect in-context learner on the prompts `fewshot` builds: 1 when a
+    demonstration shares the query's input, one over the number of labels otherwise."""
+    from llm_jax import fewshot  # noqa: PLC0415 (JAX-free, but only this analysis needs it)
+    scores, labels = [], set()
+    for path in task_paths:
+        examples = fewshot.read_task(path, "generation")[1]
+        labels |= {e.target for e in examples}
+        for i, query in enumerate(examples):
+            demos = fewshot.demonstration_indices(examples, query, shots, seed=seed, index=i, query_index=i,
+                                                  skip_query_context=False)
+            scores.append(any(examples[j].context == query.context for j in demos))
+    return float(np.mean(scores) + (1 - np.mean(scores)) / max(len(labels), 1))
+
+
+def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed: int = 1234) -> tuple[dict, str]:
+    """Few-shot accuracy on held-out mappings of every run, by shots and by size."""
+    from llm_jax import fewshot, train  # noqa: PLC0415 (JAX: only this analysis loads models)
+    from llm_jax.data import icl  # noqa: PLC0415
+    if not tasks:
+        raise ValueError("icl needs --tasks, the held-out mappings' JSONL files (python -m llm_jax.data.icl tasks)")
+    paths = fewshot._task_paths(tasks)
+    counts = [int(k) for k in shots.split(",")]
+    specs = [{"path": p, "example_separator": icl.EXAMPLE_SEPARATOR, "target_delimiter": icl.TARGET_DELIMITER,
+              "skip_query_context": False} for p in paths]
+    ideal = {k: ideal_icl_accuracy(paths, k, seed=seed) for k in counts}
+    order = sorted(rows, key=lambda r: float(r["params_non_embedding"]))
+    accuracy, table, records = {}, [], []
+    for row in order:
+        exp, params = train.load_run(row["workdir"])
+        pooled = fewshot.pooled(fewshot.evaluate_tasks(exp.model, params, exp.tokenizer, specs, counts, seed=seed))
+        by_shots = {r["shots"]: r for r in pooled if r["metric"] == "exact_match"}
+        n = int(float(row["params_non_embedding"]))
+        label = f"{n / 1e3:.0f}k, {row.get('model.n_layers', '?')} layers"
+        accuracy[label] = (np.array(counts), np.array([by_shots[k]["value"] for k in counts]))
+        table.append([row["run"], f"{n:,}", f"{float(row['eval_loss']):.4f}"]
+                     + [f"{by_shots[k]['value']:.3f} ± {by_shots[k]['stderr']:.3f}" for k in counts])
+        records += [{"run": row["run"], "params_non_embedding": n, "shots": k, "accuracy": by_shots[k]["value"],
+                     "stderr": by_shots[k]["stderr"], "n": by_shots[k]["n"]} for k in counts]
+    chance = ideal[0] if 0 in ideal else ideal_icl_accuracy(paths, 0, seed=seed)
+    scaling.plot_curves(accuracy, os.path.join(out, "accuracy_vs_shots.png"), xlabel="demonstrations (shots)",
+                        ylabel="exact match, held-out mappings", legend_title="non-embedding N",
+                        reference=("ideal in-context learner", counts, [ideal[k] for k in counts]),
+                        hline=("chance", chance))
+    sizes = np.array([r["params_non_embedding"] for r in records if r["shots"] == counts[0]], dtype=np.float64)
+    by_size = {f"{k}-shot": (sizes, np.array([r["accuracy"] for r in records if r["shots"] == k])) for k in counts}
+    scaling.plot_curves(by_size, os.path.join(out, "accuracy_vs_size.png"), xlabel="non-embedding parameters N",
+                        ylabel="exact match, held-out mappings", xscale="log", hline=("chance", chance))
+    table.append(["ideal in-context learner", "", ""] + [f"{ideal[k]:.3f}" for k in counts])
+    text = _table(["run", "non-embedding N", "eval loss"] + [f"{k}-shot" for k in counts], table)
+    text += (f"\n\nExact match on {len(paths)} held-out mappings ({records[0]['n'] if records else 0} queries per "
+             f"shot count), ± one standard error; chance {chance:.3f}.")
+    return {"tasks": paths, "shots": counts, "seed": seed, "ideal": ideal, "runs": records}, text
+
+
+ANALYSES = {"params": analyze_params, "isoflop": analyze_isoflop, "lr": analyze_lr, "icl": analyze_icl}
 
 
 def main(argv=None) -> int:
@@ -163,11 +223,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for the CSV copy, fit.json and plots")
     parser.add_argument("--bootstrap", type=int, default=None,
                         help="refits on resampled runs for the intervals (params: 200, isoflop: 100)")
+    parser.add_argument("--tasks", default="", help="icl: the held-out mappings' task files (comma-separated globs)")
+    parser.add_argument("--shots", default="0,1,4,8,16", help="icl: comma-separated numbers of demonstrations")
     args = parser.parse_args(argv)
     try:
         rows, left_out = finished_rows(args.csv)
         os.makedirs(args.out, exist_ok=True)
         extra = {} if args.bootstrap is None else {"n_bootstrap": args.bootstrap}
+        if args.analysis == "icl":
+            extra = {"tasks": args.tasks, "shots": args.shots}
         result, text = ANALYSES[args.analysis](rows, args.out, **extra)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -75,6 +75,9 @@ class TaskSpec:
     fewshot_path: str = ""  # demonstrations drawn from this file; "" = the task's other examples
     until: tuple[str, ...] = ("\n",)  # generation stops at these and at example_separator
     max_new_tokens: int = 0  # generation; 0 = the longest target's tokens + 8
+    # lm-eval-harness never shows a demonstration with the query's own context (it would leak the
+    # answer). In-context lookup tasks (llm_jax/data/icl.py) measure exactly that: set False there.
+    skip_query_context: bool = True
 
     @classmethod
     def from_dict(cls, spec: dict) -> TaskSpec:
@@ -139,10 +142,10 @@ def read_task(path: str, kind: str = "") -> tuple[str, list[Example]]:
 # --------------------------------------------------------------------------------------------
 
 def demonstration_indices(pool: Sequence[Example], query: Example, k: int, *, seed: int, index: int,
-                          query_index: int = -1) -> list[int]:
+                          query_index: int = -1, skip_query_context: bool = True) -> list[int]:
     """k indices into `pool`, drawn without replacement from `random.Random(f"{seed}/{index}")` by a lazy
     Fisher-Yates shuffle (so fewer shots take a prefix of more shots' draws), skipping
-    `query_index` and every example with the query's context."""
+    `query_index` and (unless `skip_query_context` is False) every example with the query's context."""
     rng = random.Random(f"{seed}/{index}")
     swaps: dict[int, int] = {}
     chosen: list[int] = []
@@ -152,11 +155,12 @@ def demonstration_indices(pool: Sequence[Example], query: Example, k: int, *, se
         r = rng.randrange(j, len(pool))
         pick = swaps.get(r, r)
         swaps[r] = swaps.get(j, j)
-        if pick != query_index and pool[pick].context != query.context:
+        if pick != query_index and not (skip_query_context and pool[pick].context == query.context):
             chosen.append(pick)
     if len(chosen) < k:
-        raise ValueError(f"{k}-shot: only {len(chosen)} demonstrations differ from the query "
-                         f"{query.context!r} in a pool of {len(pool)}")
+        differ = " differ from the query" if skip_query_context else " besides the query"
+        raise ValueError(f"{k}-shot: only {len(chosen)} demonstrations{differ} {query.context!r} "
+                         f"in a pool of {len(pool)}")
     return chosen
 
 
@@ -168,7 +172,8 @@ def build_prompt(task: TaskSpec, query: Example, demonstrations: Sequence[Exampl
 def fewshot_prompts(task: TaskSpec, examples: Sequence[Example], pool: Sequence[Example], k: int, *,
                     seed: int, pool_is_examples: bool) -> list[str]:
     return [build_prompt(task, example, [pool[j] for j in demonstration_indices(
-                pool, example, k, seed=seed, index=i, query_index=i if pool_is_examples else -1)])
+                pool, example, k, seed=seed, index=i, query_index=i if pool_is_examples else -1,
+                skip_query_context=task.skip_query_context)])
             for i, example in enumerate(examples)]
 
 
@@ -379,7 +384,8 @@ def _task_paths(spec: str) -> list[str]:
 def _rendering(args) -> dict:
     """The TaskSpec fields the command line sets, escapes decoded (`--example_separator=' '`)."""
     fields = {"example_separator": args.example_separator, "target_delimiter": args.target_delimiter}
-    return {k: v.encode().decode("unicode_escape") for k, v in fields.items() if v is not None}
+    rendering = {k: v.encode().decode("unicode_escape") for k, v in fields.items() if v is not None}
+    return {**rendering, **({"skip_query_context": False} if args.keep_query_context else {})}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -389,6 +395,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--example_separator", default=None,
                    help="between demonstrations, with escapes (default the task spec's, '\\n\\n')")
     p.add_argument("--target_delimiter", default=None, help="between context and target (default ' ')")
+    p.add_argument("--keep_query_context", action="store_true",
+                   help="let demonstrations share the query's context (in-context lookup tasks)")
     p.add_argument("--pool", action="store_true", help="print one row per shots and metric over all tasks")
     p.add_argument("--shots", default="0", help="comma-separated numbers of demonstrations")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples of each task (0 = all)")

@@ -438,3 +438,23 @@ def plot_lr_sweep(curves: dict, path, best: dict | None = None, legend_title: st
     ax.set(xscale="log", xlabel=xlabel, ylabel="loss")
     ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
     return _save(fig, path)
+
+
+def plot_curves(curves: dict, path, *, xlabel: str, ylabel: str, legend_title: str = "", xscale: str = "linear",
+                reference: tuple | None = None, hline: tuple | None = None) -> str:
+    """One line per label (`{label: (x, y)}`), e.g. few-shot accuracy vs shots per model size;
+    `reference` = (label, x, y) a dashed black line (an ideal), `hline` = (label, y) a dotted one
+    (chance); returns `path`."""
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        order = np.argsort(x)
+        ax.plot(np.asarray(x)[order], np.asarray(y)[order], "o-", color=f"C{i % 10}", label=str(label))
+    if reference is not None:
+        ax.plot(reference[1], reference[2], "k--", label=reference[0])
+    if hline is not None:
+        ax.axhline(hline[1], color="gray", linestyle=":", label=hline[0])
+    ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
+    return _save(fig, path)
+

@@ -104,6 +104,12 @@ def test_demonstrations_exclude_the_query_and_are_seeded_and_nested():
     for index in range(20):
         assert fewshot.demonstration_indices(pool, fewshot.Example("same", target="z"), 1, seed=0,
                                              index=index) == [1]
+    # In-context lookup tasks keep them: the query's input must be demonstrable.
+    kept = {tuple(fewshot.demonstration_indices(pool, fewshot.Example("same", target="z"), 1, seed=0, index=index,
+                                                skip_query_context=False)) for index in range(20)}
+    assert kept == {(0,), (1,)}
+    with pytest.raises(ValueError, match="only 2 demonstrations besides the query"):
+        fewshot.demonstration_indices(pool, pool[0], 3, seed=0, index=0, skip_query_context=False)
 
 
 def test_encode_pair_and_left_truncation_keep_the_continuation():
@@ -280,12 +286,49 @@ def test_cli_globs_tasks_sets_their_rendering_and_pools(trained_workdir, tmp_pat
     monkeypatch.setattr(fewshot, "evaluate_tasks", spy)
     out = tmp_path / "r.json"
     fewshot.main([f"--workdir={trained_workdir}", f"--tasks={tmp_path}/mapping_*.jsonl", "--shots=0,1",
-                  "--example_separator=\\n", "--target_delimiter=", "--pool", f"--out={out}"])
+                  "--example_separator=\\n", "--target_delimiter=", "--keep_query_context", "--pool", f"--out={out}"])
     assert [t["path"] for t in seen] == [str(tmp_path / "mapping_0.jsonl"), str(tmp_path / "mapping_1.jsonl")]
     assert all(t["example_separator"] == "\n" and t["target_delimiter"] == "" for t in seen)
+    assert all(t["skip_query_context"] is False for t in seen)
     body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| all")]
     assert len(body) == 4  # (0, 1 shots) x (exact_match, exact_match_norm), pooled
     record = json.loads(out.read_text())
     assert len(record["rows"]) == 8 and [r["n"] for r in record["pooled"]] == [4, 4, 4, 4]
     with pytest.raises(SystemExit, match="error: --tasks: no file matches"):
         fewshot.main([f"--workdir={trained_workdir}", f"--tasks={tmp_path}/none_*.jsonl"])
+
+
+def test_ideal_icl_accuracy_counts_demonstrated_queries(tmp_path):
+    from llm_jax import analyze
+
+    # Task 0 never demonstrates its query's input (two inputs, the query is not its own demo); task 1
+    # always does. Labels {1, 2, 3}: an ideal learner guesses at chance 1/3 otherwise.
+    write_lines(tmp_path / "t0.jsonl", [{"context": "a", "target": "1"}, {"context": "b", "target": "2"}])
+    write_lines(tmp_path / "t1.jsonl", [{"context": "c", "target": "3"}, {"context": "c", "target": "3"}])
+    paths = [str(tmp_path / "t0.jsonl"), str(tmp_path / "t1.jsonl")]
+    assert analyze.ideal_icl_accuracy(paths, 0, seed=0) == pytest.approx(1 / 3)
+    assert analyze.ideal_icl_accuracy(paths, 1, seed=0) == pytest.approx(0.5 + 0.5 / 3)
+
+
+def test_analyze_icl_scores_every_run_and_plots(trained_workdir, tmp_path, capsys):
+    from llm_jax import analyze
+    from llm_jax.data import icl
+
+    tasks = icl.write_tasks(str(tmp_path / "tasks"), 2, seed=0, spec=icl.MappingSpec(num_inputs=3, num_labels=4),
+                            examples_per_mapping=6)
+    header = "run,status,eval_loss,params_non_embedding,model.n_layers,workdir"
+    (tmp_path / "results.csv").write_text(f"{header}\ntiny,finished,3.5,1000,1,{trained_workdir}\n"
+                                          f"broken,failed,,2000,2,{tmp_path}/missing\n")
+    out = tmp_path / "out"
+    assert analyze.main(["icl", str(tmp_path / "results.csv"), f"--out={out}", f"--tasks={tmp_path}/tasks/*.jsonl",
+                         "--shots=0,2"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["left_out"] == ["broken"] and fit["tasks"] == tasks and fit["shots"] == [0, 2]
+    assert [(r["run"], r["shots"], r["n"]) for r in fit["runs"]] == [("tiny", 0, 12), ("tiny", 2, 12)]
+    labels = {json.loads(line)["target"] for path in tasks for line in open(path)}
+    assert all(0 <= r["accuracy"] <= 1 for r in fit["runs"]) and fit["ideal"]["0"] == pytest.approx(1 / len(labels))
+    assert (out / "accuracy_vs_shots.png").stat().st_size > 0 and (out / "accuracy_vs_size.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "| tiny | 1,000 | 3.5000 |" in text and "ideal in-context learner" in text
+    assert analyze.main(["icl", str(tmp_path / "results.csv"), f"--out={out}"]) == 1
+    assert "icl needs --tasks" in capsys.readouterr().err

@@ -9,11 +9,11 @@ import pytest
 
 from llm_jax.data import icl
 
-LINE = re.compile(r"^([a-z]{2}) -> (\d)$")
+PAIR = re.compile(r"^([a-z])(\d)$")
 
 
 def mapping_of(document_text):
-    pairs = [LINE.match(line).groups() for line in document_text.strip("\n").split("\n")]
+    pairs = [PAIR.match(pair).groups() for pair in document_text.strip("\n").split(icl.EXAMPLE_SEPARATOR)]
     mapping = {}
     for word, label in pairs:
         assert mapping.setdefault(word, label) == label  # one label per input inside a document
@@ -21,14 +21,14 @@ def mapping_of(document_text):
 
 
 def test_documents_follow_one_mapping_each_and_mappings_change():
-    spec = icl.MappingSpec(num_inputs=5, num_labels=3, examples=30)
+    spec = icl.MappingSpec(num_inputs=5, num_labels=4, examples=40)
     rng = np.random.default_rng(0)
     mappings = []
     for _ in range(20):
         pairs, mapping = mapping_of(icl.document(rng, spec))
-        assert len(pairs) == 30 and len(mapping) <= 5 and set(mapping.values()) <= {"0", "1", "2"}
+        assert len(pairs) == 40 and set(mapping) <= set("abcde") and set(mapping.values()) <= set("0123")
         mappings.append(mapping)
-    assert len({tuple(sorted(m.items())) for m in mappings}) == 20
+    assert len({tuple(sorted(m.items())) for m in mappings}) >= 18  # 4^5 mappings: rare repeats
 
 
 def test_corpus_files_are_deterministic_and_split_into_documents(tmp_path):
@@ -38,7 +38,7 @@ def test_corpus_files_are_deterministic_and_split_into_documents(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["icl_00000.txt", "icl_00001.txt", "icl_00002.txt"]
     texts = [open(p).read() for p in paths]
     assert texts == [open(p).read() for p in again]
-    documents = [d for text in texts for d in text.split("\n\n") if d.strip()]
+    documents = [d for text in texts for d in text.split(icl.DOCUMENT_SEPARATOR) if d]
     assert len(documents) == 25 and all(len(mapping_of(d)[0]) == 6 for d in documents)
 
 
@@ -49,12 +49,17 @@ def test_tasks_cover_their_mapping_and_render_like_the_corpus(tmp_path):
     for path in paths:
         records = [json.loads(line) for line in open(path)]
         assert len(records) == 10
-        rendered = "\n".join(r["context"] + icl.TARGET_DELIMITER + r["target"] for r in records)
-        _, mapping = mapping_of(rendered)  # consistent, and in the corpus' line format
+        rendered = icl.EXAMPLE_SEPARATOR.join(r["context"] + icl.TARGET_DELIMITER + r["target"] for r in records)
+        _, mapping = mapping_of(rendered)  # consistent, and in the corpus' format
         assert len(mapping) == 6  # every input of the mapping is in the pool
 
 
-@pytest.mark.parametrize("field, value", [("num_labels", 11), ("num_inputs", 0), ("examples", 0)])
+@pytest.mark.parametrize("field, value", [("num_labels", 11), ("num_inputs", 27), ("examples", 0)])
 def test_bad_spec_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         icl.MappingSpec(**{field: value})
+
+
+def test_task_pool_must_cover_the_inputs(tmp_path):
+    with pytest.raises(ValueError, match="examples_per_mapping"):
+        icl.write_tasks(str(tmp_path), 1, seed=0, spec=icl.MappingSpec(num_inputs=8), examples_per_mapping=5)
