@@ -17,6 +17,8 @@ setup(
         "grain>=0.2.10",
         "array_record>=0.7",
         "sentencepiece>=0.2",
+        "tokenizers>=0.15",  # data.tokenizer=huggingface (tokenizer.json)
+        "safetensors>=0.4",  # llm_jax/convert.py: Hugging Face checkpoints
         "tensorboardX>=2.6",
         "absl-py>=2.0",
         "tqdm>=4.66",

@@ -309,15 +309,18 @@ def check_vocabulary(path: str, vocabulary: dict, *, field: str) -> None:
                          f"data.tokenizer_path)")
 
 
-def restore_params(path: str, abstract_params, *, field: str = "train.init_from"):
+def restore_params(path: str, abstract_params, *, field: str = "train.init_from", optional: tuple[str, ...] = ()):
     """Only the parameters of a checkpoint (a workdir's newest, or a step folder), laid out as
     `abstract_params` says (shape, dtype, sharding). Optimizer state, step and data position are
-    left behind: this starts a new run from trained weights (SFT from a pretrained model, ...)."""
+    left behind: this starts a new run from trained weights (SFT from a pretrained model, ...).
+    `optional`: top-level modules (heads) the checkpoint may lack; then they are not returned."""
     state_dir = os.path.join(latest_checkpoint_dir(path, field=field), "state")
     checkpointer = ocp.PyTreeCheckpointer()
     saved = checkpointer.metadata(state_dir).item_metadata.tree
     if "params" not in saved:
         raise ValueError(f"{field}: {state_dir} holds no 'params'")
+    abstract_params = {name: value for name, value in abstract_params.items()
+                       if name in saved["params"] or name not in optional}
     _check_same_structure(saved["params"], abstract_params, state_dir, field)
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_params)

@@ -15,6 +15,10 @@ from ml_collections import config_dict
 
 from llm_jax import model as model_lib
 
+# In a workdir written by `python -m llm_jax.convert import`: parameters only, a source for
+# train.init_from, never a run to resume (it holds no optimizer state or data position).
+IMPORT_RECORD = "hf_import.json"
+
 TASKS = ("lm", "mlm", "sft", "reward", "dpo", "online_dpo", "skipgram")
 # The model.kind a task needs; every other task trains a decoder.
 TASK_KINDS = {"mlm": "encoder", "skipgram": "word2vec"}
@@ -43,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm = ""  # '' -> style default: 'layernorm' | 'rmsnorm'
     m.norm_eps = 0.0  # 0 -> style default
     m.mlp = ""  # 'gelu' | 'swiglu'
+    m.gelu_approximate = False  # GELU's tanh approximation (GPT-2 checkpoints' "gelu_new"), else erf
     m.positions = ""  # 'learned' | 'rope'
     m.rope_theta = 10_000.0
     m.tie_embeddings = config_dict.placeholder(bool)  # None -> style default
@@ -69,8 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.eval_split = "validation"
     d.validation_fraction = 0.02
     d.max_documents = 0  # 0 = all documents
-    d.tokenizer = "byte"  # 'byte' | 'sentencepiece'
-    d.tokenizer_path = ""
+    d.tokenizer = "byte"  # 'byte' | 'sentencepiece' | 'huggingface'
+    d.tokenizer_path = ""  # sentencepiece: a .model file; huggingface: a tokenizer.json or the folder holding it
     d.seq_len = 256
     d.batch_size = 16  # global batch (sequences; pairs for dpo; prompts for reward), all processes
     # Post-training data (sft, reward, dpo): JSONL files in TRL's formats, or, when train_file is
@@ -329,6 +334,10 @@ def check_or_write_workdir_config(config, workdir: str, *, write: bool) -> None:
     so a run that failed before its first save (a typo in a path, say) does not lock it. Keys added
     to `base_config()` since the run was written count as their defaults and keys since removed
     are ignored, as `train.load_config` reads them."""
+    if os.path.exists(os.path.join(workdir, IMPORT_RECORD)):
+        raise ValueError(f"workdir {workdir} holds weights imported by `llm_jax.convert import` (parameters only, "
+                         f"nothing to resume): start a run from them with --config.train.init_from={workdir} and "
+                         f"another --workdir")
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json())
     if holds_checkpoints(workdir):

@@ -79,6 +79,7 @@ class TransformerConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"
+    gelu_approximate: bool = False  # GELU's tanh approximation (GPT-2's "gelu_new") instead of erf
     positions: str = "learned"
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
@@ -161,6 +162,7 @@ class TransformerConfig:
             norm=pick("norm", style["norm"]),
             norm_eps=pick("norm_eps", style["norm_eps"]),
             mlp=mlp,
+            gelu_approximate=model_cfg.gelu_approximate,
             positions=pick("positions", style["positions"]),
             rope_theta=model_cfg.rope_theta,
             tie_embeddings=model_cfg.kind != "word2vec" and pick("tie_embeddings", style["tie_embeddings"]),
@@ -397,8 +399,10 @@ class Mlp(nn.Module):
             up_BxLxF = dense("up", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD)
             h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
         else:
-            # Exact (erf) GELU, as GPT-2's "gelu_new" differs only by ~1e-3 and BERT uses erf.
-            h_BxLxF = nn.gelu(dense("up", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD), approximate=False)
+            # Exact (erf) GELU by default, as BERT; GPT-2 checkpoints ("gelu_new", ~1e-3 away) set
+            # model.gelu_approximate.
+            up_BxLxF = dense("up", cfg.d_ff, ("embed", "mlp"), 0.02)(x_BxLxD)
+            h_BxLxF = nn.gelu(up_BxLxF, approximate=cfg.gelu_approximate)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("act_batch", "act_length", "act_mlp"))
         return dense("down", cfg.d_model, ("mlp", "embed"), 0.02 / math.sqrt(2 * cfg.n_layers))(h_BxLxF)
 
@@ -504,7 +508,7 @@ class Transformer(nn.Module):
             x_BxLxD = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=param_dtype, name="mlm_transform",
                                kernel_init=_partitioned(_dense_init(0.02), ("embed", "mlp")),
                                bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(x_BxLxD)
-            x_BxLxD = Norm(cfg, name="mlm_norm")(nn.gelu(x_BxLxD, approximate=False))
+            x_BxLxD = Norm(cfg, name="mlm_norm")(nn.gelu(x_BxLxD, approximate=cfg.gelu_approximate))
         if cfg.tie_embeddings:
             logits_BxLxV = token_embed.attend(x_BxLxD)
             if cfg.kind == "encoder":

@@ -68,6 +68,9 @@ def build_experiment(config, *, devices=None) -> Experiment:
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, num_devices=len(devices), process_count=jax.process_count())
     tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer, config.data.tokenizer_path)
+    if config.task == "mlm" and tokenizer.mask_id < 0:
+        raise ValueError(f"task='mlm' needs a mask token, and data.tokenizer_path={config.data.tokenizer_path!r} "
+                         f"has none")
     model_cfg = model_config(config, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh, devices)
     if model_cfg.vocab_size % mesh.shape["tensor"]:
@@ -157,13 +160,15 @@ def evaluate(eval_step, params, eval_batches, extras=()) -> dict:
 
 # Heads a run may add on top of the checkpoint it starts from; they keep their fresh init.
 NEW_HEADS = ("reward_head",)
+# Heads a checkpoint may lack: a BertModel imported from Hugging Face (convert.py) has no MLM head.
+MLM_HEADS = ("mlm_transform", "mlm_norm", "mlm_bias")
 
 
 def params_from(path: str, init_params, abstract_params):
     """`train.init_from`: every parameter from the checkpoint, except heads this model adds (a
-    reward model started from an SFT model gets a fresh scalar head)."""
+    reward model started from an SFT model gets a fresh scalar head) or the checkpoint lacks."""
     names = [name for name in abstract_params if name not in NEW_HEADS]
-    restored = checkpoint.restore_params(path, {name: abstract_params[name] for name in names})
+    restored = checkpoint.restore_params(path, {name: abstract_params[name] for name in names}, optional=MLM_HEADS)
     return {**init_params, **restored}
 
 
@@ -394,8 +399,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str):
-    """(experiment, params) of the newest checkpoint, sharded as the training loop shards them."""
+    """(experiment, params) of the newest checkpoint, sharded as the training loop shards them
+    (without an MLM head if it has none: an imported BertModel)."""
     config = load_config(workdir)
     exp = build_experiment(config)
     abstract_params = state_shardings_and_init(exp, config.seed)[0].params
-    return exp, checkpoint.restore_params(workdir, abstract_params, field="--workdir")
+    return exp, checkpoint.restore_params(workdir, abstract_params, field="--workdir", optional=MLM_HEADS)

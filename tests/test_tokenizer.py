@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level layout, SentencePiece trained by the CLI, errors."""
+"""Tokenizers: byte-level layout, SentencePiece (trained by the CLI, or foreign), tokenizer.json, errors."""
+import json
 import random
 import string
 
@@ -77,3 +78,62 @@ def test_sentencepiece_bad_model_files_name_the_file(tmp_path):
         tokenizer_lib.SentencePieceTokenizer(str(garbage))
     with pytest.raises(ValueError, match=r"data\.tokenizer_path is empty"):
         tokenizer_lib.get_tokenizer("sentencepiece", "")
+
+
+def write_hf_tokenizer(folder, *, vocab_size=300, config=None) -> str:
+    """A byte-level BPE tokenizer.json built with the `tokenizers` library (specials <pad>, </s>,
+    <mask> first), and a tokenizer_config.json when `config` is given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 3, "sort: 3 1 2\n1 2 3"] * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder / "tokenizer.json")
+
+
+def test_huggingface_tokenizer_json_layout_and_round_trip(tmp_path):
+    path = write_hf_tokenizer(tmp_path / "hf")
+    for where in (path, str(tmp_path / "hf")):  # the file, or the folder holding it
+        tok = tokenizer_lib.get_tokenizer("huggingface", where)
+        assert (tok.pad_id, tok.eos_id, tok.mask_id, tok.num_special) == (0, 1, 2, 3)
+        assert 259 <= tok.vocab_size <= 300
+        ids = tok.encode(TRICKY_TEXT)
+        assert min(ids) >= tok.num_special and tok.decode(ids) == TRICKY_TEXT
+        assert tok.decode([tok.eos_id, *tok.encode("fox"), tok.vocab_size + 5]) == "fox"  # specials, padding rows
+    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox")
+    record = tokenizer_lib.fingerprint("huggingface", str(tmp_path / "hf"), tok)
+    assert record == tokenizer_lib.fingerprint("huggingface", path, tok) and len(record["sha256"]) == 64
+
+
+def test_huggingface_tokenizer_specials_from_its_config_and_errors(tmp_path):
+    path = write_hf_tokenizer(tmp_path / "named", config={"eos_token": {"content": "<pad>"}, "pad_token": "</s>"})
+    tok = tokenizer_lib.get_tokenizer("huggingface", path)
+    assert (tok.eos_id, tok.pad_id) == (0, 1)  # as tokenizer_config.json names them
+    with pytest.raises(ValueError, match=r"data\.tokenizer_path=.*missing.*cannot load a Hugging Face tokenizer"):
+        tokenizer_lib.get_tokenizer("huggingface", str(tmp_path / "missing"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        tokenizer_lib.get_tokenizer("huggingface", str(tmp_path / "bad.json"))
+
+
+def test_sentencepiece_model_with_foreign_special_ids(tmp_path):
+    """A .model with SentencePiece's default layout (LLaMA's: unk 0, bos 1, eos 2, no pad, no
+    [MASK]) loads with its own ids: pad falls back to eos, no mask id, 3 leading specials."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    text = [" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6))) for _ in range(12))
+            for _ in range(300)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "llama_like"),
+                                   vocab_size=300, byte_fallback=True, minloglevel=2, num_threads=1)
+    tok = tokenizer_lib.get_tokenizer("sentencepiece", str(tmp_path / "llama_like.model"))
+    assert (tok.pad_id, tok.eos_id, tok.mask_id, tok.num_special, tok.vocab_size) == (2, 2, -1, 3, 300)
+    ids = tok.encode("hello world")
+    assert min(ids) >= tok.num_special and tok.decode(ids) == "hello world"

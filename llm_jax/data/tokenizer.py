@@ -1,8 +1,11 @@
-"""Tokenizers: byte-level (always available) and SentencePiece (trained offline by this module's CLI).
+"""Tokenizers: byte-level (always available), SentencePiece (trained offline by this module's CLI,
+or any .model file) and Hugging Face `tokenizer.json` files (an imported checkpoint's own).
 
-Both share one interface (`Tokenizer`) and one id layout for specials: pad 0, eos 1, then the
-tokenizer's own specials; ids below `num_special` never come out of `encode`, so MLM's random
-replacement can draw from [num_special, vocab_size).
+All share one interface (`Tokenizer`). Ours put the specials first: pad 0, eos 1, then the
+tokenizer's own; ids below `num_special` never come out of `encode`, so MLM's random replacement
+can draw from [num_special, vocab_size). A foreign vocabulary keeps its own ids: `num_special` is
+then the run of special ids from 0 (LLaMA's unk, bos, eos: 3; GPT-2's: 0), pad falls back to eos
+where there is none (padding is masked anyway), and `mask_id` is -1 where there is no mask token.
 
 Train a SentencePiece model on a corpus' train split (see corpora.py for the datasets):
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from collections.abc import Iterable, Iterator, Sequence
 import os
 from typing import Protocol
@@ -22,8 +26,13 @@ import sentencepiece as spm
 
 from llm_jax.data import corpora
 
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "huggingface")
 MASK_PIECE = "[MASK]"
+HF_TOKENIZER_FILE = "tokenizer.json"
+# Special tokens looked up by name when tokenizer_config.json does not name them, most common first.
+_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+_PAD_TOKENS = ("<pad>", "[PAD]", "<|padding|>")
+_MASK_TOKENS = (MASK_PIECE, "<mask>")
 
 
 class Tokenizer(Protocol):
@@ -62,7 +71,8 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model trained by `train_sentencepiece` (pad 0, eos 1, unk 2, [MASK] 3)."""
+    """A SentencePiece model: ours (`train_sentencepiece`: pad 0, eos 1, unk 2, [MASK] 3) or any
+    other .model file (LLaMA's: unk 0, bos 1, eos 2, no pad, no mask) with its own ids."""
 
     def __init__(self, model_path: str):
         if not model_path:
@@ -77,23 +87,101 @@ class SentencePieceTokenizer:
             raise ValueError(
                 f"data.tokenizer_path={model_path!r}: cannot load a SentencePiece model ({reason})"
             ) from None
-        self.mask_id = self._sp.piece_to_id(MASK_PIECE)
-        layout = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id(), self.mask_id)
-        if layout != (0, 1, 2, -1, 3):
-            raise ValueError(
-                f"data.tokenizer_path={model_path!r}: special ids (pad, eos, unk, bos, {MASK_PIECE}) are "
-                f"{layout}, expected (0, 1, 2, -1, 3); train it with `python -m llm_jax.data.tokenizer train`"
-            )
-        self.pad_id = 0
-        self.eos_id = 1
-        self.num_special = self.mask_id + 1
+        self.eos_id = self._sp.eos_id()
+        if self.eos_id < 0:
+            raise ValueError(f"data.tokenizer_path={model_path!r}: the SentencePiece model has no end-of-sequence "
+                             f"piece (eos_id), which packing and generation need")
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.mask_id = next((self._sp.piece_to_id(p) for p in _MASK_TOKENS
+                             if self._sp.id_to_piece(self._sp.piece_to_id(p)) == p), -1)
         self.vocab_size = self._sp.vocab_size()
+        self.num_special = _leading(lambda i: self._sp.is_control(i) or self._sp.is_unknown(i), self.vocab_size)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        # Ids past the vocabulary (the model's padding rows) carry no text.
+        return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+
+def _leading(is_special, vocab_size: int) -> int:
+    """How many ids from 0 on are special: the ids `encode` never produces."""
+    n = 0
+    while n < vocab_size and is_special(n):
+        n += 1
+    return n
+
+
+def huggingface_tokenizer_file(path: str) -> str:
+    """`data.tokenizer_path` for data.tokenizer=huggingface: a tokenizer.json, or a folder holding one."""
+    return os.path.join(path, HF_TOKENIZER_FILE) if os.path.isdir(path) else path
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face fast tokenizer (`tokenizer.json`, loaded with the `tokenizers` library, no
+    `transformers` needed). Special tokens come from the tokenizer_config.json beside it when there
+    is one (eos_token, pad_token, mask_token), else from the usual names. `encode` adds no
+    special tokens (no BOS/CLS/SEP): the pipelines add EOS themselves."""
+
+    def __init__(self, path: str):
+        if not path:
+            raise ValueError("data.tokenizer_path is empty: give a tokenizer.json or the Hugging Face folder "
+                             "holding it")
+        file = huggingface_tokenizer_file(path)
+        import tokenizers  # here: only runs with this tokenizer need it
+
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:  # noqa: BLE001  (a missing file and a malformed one raise alike)
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"data.tokenizer_path={path!r}: cannot load a Hugging Face tokenizer from {file} "
+                             f"({reason})") from None
+        special_ids = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+        named = _configured_special_tokens(os.path.dirname(file))
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.eos_id = self._token_id(named.get("eos_token"), _EOS_TOKENS)
+        if self.eos_id < 0:
+            raise ValueError(f"data.tokenizer_path={path!r}: no end-of-sequence token (eos_token in "
+                             f"tokenizer_config.json, or one of {_EOS_TOKENS}), which packing and generation need")
+        pad_id = self._token_id(named.get("pad_token"), _PAD_TOKENS)
+        self.pad_id = pad_id if pad_id >= 0 else self.eos_id
+        self.mask_id = self._token_id(named.get("mask_token"), _MASK_TOKENS)
+        self.num_special = _leading(special_ids.__contains__, self.vocab_size)
+
+    def _token_id(self, configured: str | None, candidates: tuple[str, ...]) -> int:
+        for token in ([configured] if configured else []) + list(candidates):
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return -1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special tokens and ids past the vocabulary (the model's padding rows) carry no text.
+        return self._tok.decode([int(i) for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+
+def _configured_special_tokens(folder: str) -> dict[str, str]:
+    """eos_token / pad_token / mask_token as tokenizer_config.json names them (a string, or an
+    AddedToken record with "content"); {} without that file."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:  # invalid JSON or UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    named = {}
+    for key in ("eos_token", "pad_token", "mask_token"):
+        value = config.get(key)  # a file of Hugging Face's, not one of our configs: keys are optional
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            named[key] = value
+    return named
 
 
 def get_tokenizer(name: str, path: str = "") -> Tokenizer:
@@ -102,6 +190,8 @@ def get_tokenizer(name: str, path: str = "") -> Tokenizer:
         return ByteTokenizer()
     if name == "sentencepiece":
         return SentencePieceTokenizer(path)
+    if name == "huggingface":
+        return HuggingFaceTokenizer(path)
     raise ValueError(f"data.tokenizer={name!r} is not one of {TOKENIZERS}")
 
 
@@ -111,6 +201,8 @@ def fingerprint(name: str, path: str, tokenizer: Tokenizer) -> dict:
     fails even when both pad to the same embedding size (which a shape check cannot see)."""
     digest = ""
     if name != "byte" and path:
+        if name == "huggingface":
+            path = huggingface_tokenizer_file(path)
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
     return {"tokenizer": name, "vocab_size": int(tokenizer.vocab_size), "sha256": digest}
