@@ -16,8 +16,8 @@ from llm_jax import sweep
 SHAPES = {
     "smoke": [(32, 1, 2), (32, 2, 2)],
     "cpu": [(64, 1, 2), (32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4)],
-    # 32-token rows (8 demonstrations + the query): the one setting where 2-layer models left the
-    # plateau on this machine (README); 16 shots do not fit, and RoPE does not extrapolate to them.
+    # 32-token rows (8 demonstrations + the query): the only setting where a 2-layer pilot rose
+    # above the bag-of-labels level here (README); 16 shots do not fit, and RoPE does not extrapolate.
     "cpu_short": [(64, 1, 2), (64, 2, 2), (96, 3, 3)],
     "tpu": [(128, 1, 4), (128, 2, 4), (256, 4, 4), (384, 6, 6), (512, 8, 8), (768, 12, 12)],
 }
