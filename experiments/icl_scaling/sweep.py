@@ -16,9 +16,9 @@ from llm_jax import sweep
 SHAPES = {
     "smoke": [(32, 1, 2), (32, 2, 2)],
     "cpu": [(64, 1, 2), (32, 2, 2), (48, 2, 2), (64, 2, 2), (96, 3, 3), (128, 4, 4)],
-    # 32-token rows (8 demonstrations + the query): the only setting where a 2-layer pilot rose
-    # above the bag-of-labels level here (README); 16 shots do not fit, and RoPE does not extrapolate.
-    "cpu_short": [(64, 1, 2), (64, 2, 2), (96, 3, 3)],
+    # 32-token rows (8 demonstrations + the query) and 16M tokens: where the d64 x 2-layer model
+    # left the plateau here, between 8M and 10M tokens (README); 16 shots do not fit these rows.
+    "cpu_short": [(64, 1, 2), (32, 2, 2), (64, 2, 2)],
     "tpu": [(128, 1, 4), (128, 2, 4), (256, 4, 4), (384, 6, 6), (512, 8, 8), (768, 12, 12)],
 }
 SHAPES["gpu"] = SHAPES["tpu"]
@@ -28,7 +28,7 @@ FIXED = {
               "optimizer.warmup_steps": 1},
     "cpu": {"train.num_steps": 4000, "data.batch_size": 32,  # 8.2M tokens
             "optimizer.warmup_steps": 100, "train.eval_every": 1000, "train.eval_batches": 32},
-    "cpu_short": {"train.num_steps": 3000, "data.batch_size": 64, "data.seq_len": 32,  # 6.1M tokens
+    "cpu_short": {"train.num_steps": 8000, "data.batch_size": 64, "data.seq_len": 32,  # 16.4M tokens
                   "optimizer.warmup_steps": 100, "train.eval_every": 1000, "train.eval_batches": 32},
     "tpu": {"train.num_steps": 6000, "data.batch_size": 512,  # 197M tokens
             "optimizer.warmup_steps": 500, "optimizer.learning_rate": 1e-3, "model.dtype": "bfloat16",
