@@ -92,7 +92,7 @@ def analyze_isoflop(rows, out: str, n_bootstrap: int = 100) -> tuple[dict, str]:
     try:
         iso = scaling.fit_isoflop(n, loss, c, tokens=d, rtol=BUDGET_RTOL)
     except ValueError as e:  # a profile without a minimum inside its sizes: approach 3 still fits
-        return _isoflop_without_optimum(rows, out, chin, str(e))
+        return _isoflop_without_optimum(n, c, loss, out, chin, str(e))
     scaling.plot_isoflop(iso, os.path.join(out, "isoflop.png"))
     chin_fit, chin_text = _chinchilla_text(chin)
     result = {"a": iso.a, "a_stderr": iso.a_stderr, "b": iso.b, "b_stderr": iso.b_stderr,
@@ -117,9 +117,8 @@ def _chinchilla_text(chin) -> tuple[dict, str]:
                  f"beta = {CHINCHILLA['beta']}).")
 
 
-def _isoflop_without_optimum(rows, out: str, chin, problem: str) -> tuple[dict, str]:
+def _isoflop_without_optimum(n, c, loss, out: str, chin, problem: str) -> tuple[dict, str]:
     """The profiles as measured (loss vs N per budget) when approach 2 cannot place an optimum."""
-    n, c, loss = scaling.columns(rows, "params_non_embedding", "flops", "eval_loss")
     budgets = scaling.group_budgets(c, BUDGET_RTOL)
     curves = {f"{np.exp(np.log(c[idx]).mean()):.2g} FLOPs": (n[idx], loss[idx]) for idx in budgets}
     scaling.plot_lr_sweep(curves, os.path.join(out, "isoflop.png"), legend_title="budget",
@@ -179,7 +178,7 @@ def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed
     from llm_jax.data import icl  # noqa: PLC0415
     if not tasks:
         raise ValueError("icl needs --tasks, the held-out mappings' JSONL files (python -m llm_jax.data.icl tasks)")
-    paths = fewshot._task_paths(tasks)
+    paths = fewshot.task_paths(tasks)
     counts = [int(k) for k in shots.split(",")]
     specs = [{"path": p, "example_separator": icl.EXAMPLE_SEPARATOR, "target_delimiter": icl.TARGET_DELIMITER,
               "skip_query_context": False} for p in paths]

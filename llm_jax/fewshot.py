@@ -371,7 +371,7 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([line(header), rule] + [line(c) for c in cells])
 
 
-def _task_paths(spec: str) -> list[str]:
+def task_paths(spec: str) -> list[str]:
     paths = []
     for item in filter(None, spec.split(",")):
         matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         shots = [int(s) for s in args.shots.split(",") if s.strip().isdigit()]
         if not shots or len(shots) != len(args.shots.split(",")):
             raise ValueError(f"--shots: expected numbers >= 0, got {args.shots!r}")
-        tasks = [{"path": path, **_rendering(args)} for path in _task_paths(args.tasks)]
+        tasks = [{"path": path, **_rendering(args)} for path in task_paths(args.tasks)]
         exp, params = train.load_run(args.workdir)
         rows = evaluate_tasks(exp.model, params, exp.tokenizer, tasks, shots,
                               limit=args.limit, seed=args.seed, batch_size=args.batch_size, mesh=exp.mesh)
