@@ -184,32 +184,44 @@ def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed
               "skip_query_context": False} for p in paths]
     ideal = {k: ideal_icl_accuracy(paths, k, seed=seed) for k in counts}
     order = sorted(rows, key=lambda r: float(r["params_non_embedding"]))
-    accuracy, table, records = {}, [], []
+    table, records, sizes = [], [], {}  # sizes: (N, layers) -> each seed's accuracy by shots
     for row in order:
         exp, params = train.load_run(row["workdir"])
         pooled = fewshot.pooled(fewshot.evaluate_tasks(exp.model, params, exp.tokenizer, specs, counts, seed=seed))
         by_shots = {r["shots"]: r for r in pooled if r["metric"] == "exact_match"}
         n = int(float(row["params_non_embedding"]))
-        label = f"{n / 1e3:.0f}k, {row.get('model.n_layers', '?')} layers"
-        accuracy[label] = (np.array(counts), np.array([by_shots[k]["value"] for k in counts]))
+        sizes.setdefault((n, row.get("model.n_layers", "?")), []).append([by_shots[k]["value"] for k in counts])
         table.append([row["run"], f"{n:,}", f"{float(row['eval_loss']):.4f}"]
                      + [f"{by_shots[k]['value']:.3f} ± {by_shots[k]['stderr']:.3f}" for k in counts])
         records += [{"run": row["run"], "params_non_embedding": n, "shots": k, "accuracy": by_shots[k]["value"],
                      "stderr": by_shots[k]["stderr"], "n": by_shots[k]["n"]} for k in counts]
+    # Repeated sizes (seeds) are averaged in the plots: whether a small model leaves the plateau is
+    # a matter of its seed, so one seed's curve says little about its size.
+    mean = {key: np.mean(accs, axis=0) for key, accs in sizes.items()}
+    repeated = any(len(accs) > 1 for accs in sizes.values())
     chance = ideal[0] if 0 in ideal else ideal_icl_accuracy(paths, 0, seed=seed)
+    accuracy = {f"{n / 1e3:.0f}k, {layers} layers" + (f" ({len(sizes[n, layers])} seeds)" if repeated else ""):
+                (np.array(counts), acc) for (n, layers), acc in mean.items()}
     scaling.plot_curves(accuracy, os.path.join(out, "accuracy_vs_shots.png"), xlabel="demonstrations (shots)",
-                        ylabel="exact match, held-out mappings", legend_title="non-embedding N",
-                        reference=("ideal in-context learner", counts, [ideal[k] for k in counts]),
+                        ylabel="exact match, held-out mappings" + (", mean over seeds" if repeated else ""),
+                        legend_title="non-embedding N", reference=("ideal in-context learner", counts,
+                                                                   [ideal[k] for k in counts]),
                         hline=("chance", chance))
-    sizes = np.array([r["params_non_embedding"] for r in records if r["shots"] == counts[0]], dtype=np.float64)
-    by_size = {f"{k}-shot": (sizes, np.array([r["accuracy"] for r in records if r["shots"] == k])) for k in counts}
+    n_axis = np.array([n for n, _ in mean], dtype=np.float64)
+    by_size = {f"{k}-shot": (n_axis, np.array([acc[i] for acc in mean.values()])) for i, k in enumerate(counts)}
     scaling.plot_curves(by_size, os.path.join(out, "accuracy_vs_size.png"), xlabel="non-embedding parameters N",
-                        ylabel="exact match, held-out mappings", xscale="log", hline=("chance", chance))
+                        ylabel="exact match, held-out mappings" + (", mean over seeds" if repeated else ""),
+                        xscale="log", hline=("chance", chance))
+    if repeated:
+        table += [[f"mean of {len(sizes[n, layers])}: {n / 1e3:.0f}k, {layers} layers", f"{n:,}", ""]
+                  + [f"{a:.3f}" for a in acc] for (n, layers), acc in mean.items()]
     table.append(["ideal in-context learner", "", ""] + [f"{ideal[k]:.3f}" for k in counts])
     text = _table(["run", "non-embedding N", "eval loss"] + [f"{k}-shot" for k in counts], table)
     text += (f"\n\nExact match on {len(paths)} held-out mappings ({records[0]['n'] if records else 0} queries per "
              f"shot count), ± one standard error; chance {chance:.3f}.")
-    return {"tasks": paths, "shots": counts, "seed": seed, "ideal": ideal, "runs": records}, text
+    means = [{"params_non_embedding": n, "n_layers": layers, "seeds": len(sizes[n, layers]),
+              "accuracy": dict(zip(counts, map(float, acc)))} for (n, layers), acc in mean.items()]
+    return {"tasks": paths, "shots": counts, "seed": seed, "ideal": ideal, "runs": records, "sizes": means}, text
 
 
 ANALYSES = {"params": analyze_params, "isoflop": analyze_isoflop, "lr": analyze_lr, "icl": analyze_icl}

@@ -73,3 +73,17 @@ def test_icl_scaling_fits_16_shots_and_spans_sizes_with_a_one_layer_control(scal
     n = sorted(non_embedding(run) for run in runs)
     if scale != "smoke":
         assert len(set(n)) >= 5 and n[-1] / n[0] >= 10
+
+
+def test_icl_scaling_cpu_short_repeats_every_size_with_a_second_seed():
+    # At CPU budgets a small model leaves the plateau or not depending on its seed (README), so a
+    # size is only compared with at least two initialisations.
+    _, runs = sweep.load("experiments/icl_scaling/sweep.py:scale=cpu_short")
+    assert len({tokens(run) for run in runs}) == 1
+    seeds_per_size = {}
+    for run in runs:
+        seeds_per_size.setdefault(non_embedding(run), set()).add(run.resolved.seed)
+    assert len(seeds_per_size) >= 4 and all(len(seeds) >= 2 for seeds in seeds_per_size.values())
+    two_layer = sorted(n for n, run_layers in {non_embedding(r): r.resolved.model.n_layers for r in runs}.items()
+                       if run_layers == 2)
+    assert two_layer[-1] / two_layer[0] >= 10
