@@ -172,6 +172,21 @@ def ideal_icl_accuracy(task_paths: list[str], shots: int, *, seed: int) -> float
     return float(np.mean(scores) + (1 - np.mean(scores)) / max(len(labels), 1))
 
 
+def _plot_eval_loss_curves(rows, path: str) -> dict:
+    """Each run's eval loss against tokens seen (its metrics.jsonl): the induction-head phase change
+    is the abrupt drop, and its step, not only the final loss, is what differs between sizes."""
+    from llm_jax import metrics  # noqa: PLC0415 (imports JAX)
+    curves = {}
+    for row in rows:
+        evals = [m for m in metrics.read_metrics(os.path.join(row["workdir"], metrics.METRICS_FILE))
+                 if "eval/loss" in m]
+        tokens_per_step = float(row["tokens_seen"]) / max(float(row["final_step"]), 1.0)
+        curves[row["run"]] = (np.array([m["step"] * tokens_per_step for m in evals]),
+                              np.array([m["eval/loss"] for m in evals]))
+    scaling.plot_curves(curves, path, xlabel="tokens seen", ylabel="eval loss (nats/token)")
+    return {run: np.stack(xy, axis=1).tolist() for run, xy in curves.items()}
+
+
 def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed: int = 1234) -> tuple[dict, str]:
     """Few-shot accuracy on held-out mappings of every run, by shots and by size."""
     from llm_jax import fewshot, train  # noqa: PLC0415 (JAX: only this analysis loads models)
@@ -212,6 +227,7 @@ def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed
     scaling.plot_curves(by_size, os.path.join(out, "accuracy_vs_size.png"), xlabel="non-embedding parameters N",
                         ylabel="exact match, held-out mappings" + (", mean over seeds" if repeated else ""),
                         xscale="log", hline=("chance", chance))
+    loss_curves = _plot_eval_loss_curves(order, os.path.join(out, "eval_loss_vs_tokens.png"))
     if repeated:
         table += [[f"mean of {len(sizes[n, layers])}: {n / 1e3:.0f}k, {layers} layers", f"{n:,}", ""]
                   + [f"{a:.3f}" for a in acc] for (n, layers), acc in mean.items()]
@@ -221,7 +237,8 @@ def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed
              f"shot count), ± one standard error; chance {chance:.3f}.")
     means = [{"params_non_embedding": n, "n_layers": layers, "seeds": len(sizes[n, layers]),
               "accuracy": dict(zip(counts, map(float, acc)))} for (n, layers), acc in mean.items()]
-    return {"tasks": paths, "shots": counts, "seed": seed, "ideal": ideal, "runs": records, "sizes": means}, text
+    return {"tasks": paths, "shots": counts, "seed": seed, "ideal": ideal, "runs": records, "sizes": means,
+            "eval_loss_vs_tokens": loss_curves}, text
 
 
 ANALYSES = {"params": analyze_params, "isoflop": analyze_isoflop, "lr": analyze_lr, "icl": analyze_icl}

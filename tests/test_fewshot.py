@@ -316,11 +316,11 @@ def test_analyze_icl_scores_every_run_and_plots(trained_workdir, tmp_path, capsy
 
     tasks = icl.write_tasks(str(tmp_path / "tasks"), 2, seed=0, spec=icl.MappingSpec(num_inputs=3, num_labels=4),
                             examples_per_mapping=6)
-    header = "run,status,eval_loss,params_non_embedding,model.n_layers,workdir"
+    header = "run,status,eval_loss,params_non_embedding,model.n_layers,tokens_seen,final_step,workdir"
     # A second seed of the same size (here the same workdir): the plots and the mean rows average them.
-    (tmp_path / "results.csv").write_text(f"{header}\ntiny,finished,3.5,1000,1,{trained_workdir}\n"
-                                          f"tiny_seed1,finished,3.25,1000,1,{trained_workdir}\n"
-                                          f"broken,failed,,2000,2,{tmp_path}/missing\n")
+    (tmp_path / "results.csv").write_text(f"{header}\ntiny,finished,3.5,1000,1,64,2,{trained_workdir}\n"
+                                          f"tiny_seed1,finished,3.25,1000,1,64,2,{trained_workdir}\n"
+                                          f"broken,failed,,2000,2,,,{tmp_path}/missing\n")
     out = tmp_path / "out"
     assert analyze.main(["icl", str(tmp_path / "results.csv"), f"--out={out}", f"--tasks={tmp_path}/tasks/*.jsonl",
                          "--shots=0,2"]) == 0
@@ -328,12 +328,15 @@ def test_analyze_icl_scores_every_run_and_plots(trained_workdir, tmp_path, capsy
     assert fit["left_out"] == ["broken"] and fit["tasks"] == tasks and fit["shots"] == [0, 2]
     assert [(r["run"], r["shots"], r["n"]) for r in fit["runs"]] == [
         ("tiny", 0, 12), ("tiny", 2, 12), ("tiny_seed1", 0, 12), ("tiny_seed1", 2, 12)]
+    [(tokens, loss)] = fit["eval_loss_vs_tokens"]["tiny"]  # one eval, at step 2 of 32 tokens each
+    assert tokens == 64 and 0 < loss < 10
     [size] = fit["sizes"]
     assert (size["params_non_embedding"], size["seeds"]) == (1000, 2)
     assert size["accuracy"] == {str(r["shots"]): pytest.approx(r["accuracy"]) for r in fit["runs"][:2]}
     labels = {json.loads(line)["target"] for path in tasks for line in open(path)}
     assert all(0 <= r["accuracy"] <= 1 for r in fit["runs"]) and fit["ideal"]["0"] == pytest.approx(1 / len(labels))
-    assert (out / "accuracy_vs_shots.png").stat().st_size > 0 and (out / "accuracy_vs_size.png").stat().st_size > 0
+    assert all((out / f"{name}.png").stat().st_size > 0
+               for name in ("accuracy_vs_shots", "accuracy_vs_size", "eval_loss_vs_tokens"))
     text = capsys.readouterr().out
     assert "| tiny | 1,000 | 3.5000 |" in text and "| tiny_seed1 | 1,000 | 3.2500 |" in text
     assert "| mean of 2: 1k, 1 layers | 1,000 |" in text and "ideal in-context learner" in text

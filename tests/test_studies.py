@@ -32,7 +32,7 @@ def test_model_size_scaling_trains_every_size_on_the_same_tokens(scale):
         assert len(set(n)) >= 6 and n[-1] / n[0] >= 30
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", SCALES + ("cpu_width",))
 def test_isoflop_runs_spend_their_budget(scale):
     _, runs = sweep.load(f"experiments/isoflop/sweep.py:scale={scale}")
     budgets = {}
@@ -87,3 +87,12 @@ def test_icl_scaling_cpu_short_repeats_every_size_with_a_second_seed():
     two_layer = sorted(n for n, run_layers in {non_embedding(r): r.resolved.model.n_layers for r in runs}.items()
                        if run_layers == 2)
     assert two_layer[-1] / two_layer[0] >= 10
+
+
+def test_isoflop_width_window_varies_only_width_with_a_rate_per_width():
+    _, runs = sweep.load("experiments/isoflop/sweep.py:scale=cpu_width")
+    assert len({run.resolved.model.n_layers for run in runs}) == 1
+    rate = {run.resolved.model.d_model: run.resolved.optimizer.learning_rate for run in runs}
+    widths = sorted(rate)
+    assert all(rate[a] > rate[b] for a, b in zip(widths, widths[1:]))  # narrower models take a higher rate
+    assert rate[64] == pytest.approx(2.5e-3)  # study 3's best rate at d_model 64

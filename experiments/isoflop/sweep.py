@@ -3,7 +3,9 @@ run's steps spend exactly its budget C (`sweep.steps_for_flops`), so a smaller m
 
     bash experiments/isoflop/run.sh     # the sweep (~36 min on 2 CPU cores), then the analysis into results_cpu/
 
-`:scale=tpu` (or `gpu`) is the same study at 1e18-1e19 FLOPs; `:scale=smoke` the tests' tiny one.
+`:scale=cpu_width` is the width-only window: one depth, five widths per budget, each at the peak
+learning rate study 3 found for its width. `:scale=tpu` (or `gpu`) is the same study at 1e18-1e19
+FLOPs; `:scale=smoke` the tests' tiny one.
 """
 from llm_jax import sweep
 
@@ -25,6 +27,19 @@ BUDGETS = {
     },
 }
 BUDGETS["gpu"] = BUDGETS["tpu"]
+# Width only, at the depth the `cpu` window found best (1 layer beat 2 at equal compute at every
+# budget): a depth jump between neighbouring sizes made its profiles jagged (README).
+WIDTHS = {5e11: (12, 16, 24, 32, 48), 1.5e12: (16, 24, 32, 48, 64), 5e12: (16, 24, 32, 48, 64, 96)}
+BUDGETS["cpu_width"] = {flops: [(d, 1, 2) for d in widths] for flops, widths in WIDTHS.items()}
+
+
+def lr_for_width(d_model: int) -> float:
+    """Study 3's best peak rate, 2.5e-3 at d_model 64, falling as d_model^-0.91 (lr_sweep README),
+    capped at 1e-2 where its 200-step runs had already degraded at every width."""
+    return min(2.5e-3 * (64 / d_model) ** 0.91, 1e-2)
+
+
+PER_WIDTH_LR = {"cpu_width"}
 FIXED = {
     "smoke": {"data.seq_len": 32, "data.batch_size": 8, "train.log_every": 1, "train.eval_batches": 2},
     "cpu": {"data.seq_len": 128, "data.batch_size": 32, "train.eval_batches": 32},
@@ -32,6 +47,7 @@ FIXED = {
             "optimizer.learning_rate": 6e-4, "train.eval_batches": 64},
 }
 FIXED["gpu"] = FIXED["tpu"]
+FIXED["cpu_width"] = FIXED["cpu"]
 
 
 def get_sweep(arg: str = ""):
@@ -41,6 +57,8 @@ def get_sweep(arg: str = ""):
     for flops, shapes in BUDGETS[scale].items():
         for d, layers, heads in shapes:
             shape = {"model.d_model": d, "model.n_layers": layers, "model.n_heads": heads}
+            if scale in PER_WIDTH_LR:
+                shape["optimizer.learning_rate"] = round(lr_for_width(d), 6)
             steps = sweep.steps_for_flops(CONFIG, {**fixed, **shape}, flops)
             # The cosine schedule spans each run (Chinchilla: a schedule longer than the run
             # overstates the loss of short runs); the warmup is a tenth of the run, at most 100 steps.
