@@ -157,11 +157,6 @@ def analyze_lr(rows, out: str, n_bootstrap: int = 0, group: str = "model.d_model
     return result, text
 
 
-# A label is one digit: room for it and the separator, not the default 8 spare tokens, which cut
-# the first demonstrations of an 8-shot prompt from a 32-token context.
-ICL_NEW_TOKENS = 2
-
-
 def ideal_icl_accuracy(task_paths: list[str], shots: int, *, seed: int) -> float:
     """Exact match of a perfect in-context learner on the prompts `fewshot` builds: 1 when a
     demonstration shares the query's input, one over the number of labels otherwise."""
@@ -201,7 +196,7 @@ def analyze_icl(rows, out: str, tasks: str = "", shots: str = "0,1,4,8,16", seed
     paths = fewshot.task_paths(tasks)
     counts = [int(k) for k in shots.split(",")]
     specs = [{"path": p, "example_separator": icl.EXAMPLE_SEPARATOR, "target_delimiter": icl.TARGET_DELIMITER,
-              "skip_query_context": False, "max_new_tokens": ICL_NEW_TOKENS} for p in paths]
+              "skip_query_context": False, "max_new_tokens": icl.NEW_TOKENS} for p in paths]
     ideal = {k: ideal_icl_accuracy(paths, k, seed=seed) for k in counts}
     order = sorted(rows, key=lambda r: float(r["params_non_embedding"]))
     table, records, sizes = [], [], {}  # sizes: (N, layers) -> each seed's accuracy by shots

@@ -39,7 +39,6 @@ def lr_for_width(d_model: int) -> float:
     return min(2.5e-3 * (64 / d_model) ** 0.91, 1e-2)
 
 
-PER_WIDTH_LR = {"cpu_width"}
 FIXED = {
     "smoke": {"data.seq_len": 32, "data.batch_size": 8, "train.log_every": 1, "train.eval_batches": 2},
     "cpu": {"data.seq_len": 128, "data.batch_size": 32, "train.eval_batches": 32},
@@ -57,7 +56,7 @@ def get_sweep(arg: str = ""):
     for flops, shapes in BUDGETS[scale].items():
         for d, layers, heads in shapes:
             shape = {"model.d_model": d, "model.n_layers": layers, "model.n_heads": heads}
-            if scale in PER_WIDTH_LR:
+            if scale == "cpu_width":
                 shape["optimizer.learning_rate"] = round(lr_for_width(d), 6)
             steps = sweep.steps_for_flops(CONFIG, {**fixed, **shape}, flops)
             # The cosine schedule spans each run (Chinchilla: a schedule longer than the run

@@ -43,6 +43,9 @@ import numpy as np
 
 EXAMPLE_SEPARATOR = " "
 TARGET_DELIMITER = ""
+# Tokens to generate after a query: the one-digit label and a separator. fewshot's default (the
+# target plus 8 spare) would cut the first demonstrations of an 8-shot prompt from a 32-token context.
+NEW_TOKENS = 2
 DOCUMENT_SEPARATOR = "\n"
 # What the few-shot evaluator needs to render and score the tasks like the corpus.
 FEWSHOT_FLAGS = ("--example_separator= ", "--target_delimiter=", "--keep_query_context")
